@@ -1,0 +1,1 @@
+"""CRM adapters: look up what the agent should know about a caller."""

@@ -1,0 +1,105 @@
+"""The engine's contract with the gateway: open a session, push caller frames, read agent frames.
+
+The engine knows no telephony. A session is opened with a voice, a role prompt, a seed and sampling
+settings; the caller's audio goes in as 80 ms frames of 24 kHz float PCM and for every frame pushed
+exactly one 80 ms agent frame (PCM plus the text piece of that step) comes out, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from engine.config import FRAME_SAMPLES, SAMPLE_RATE
+
+__all__ = [
+    "FRAME_SAMPLES",
+    "SAMPLE_RATE",
+    "AgentFrame",
+    "Engine",
+    "EngineBusy",
+    "EngineError",
+    "EngineSession",
+    "SessionClosed",
+    "SessionSpec",
+    "Sampling",
+]
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a session (bad voice, prompt too long, engine lost...)."""
+
+
+class EngineBusy(EngineError):
+    """No batch slot is free, or admitting another session would break the real-time budget."""
+
+
+class SessionClosed(EngineError):
+    """The session was closed (by the caller or because the engine lost it)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; defaults are the published server's."""
+
+    greedy: bool = False
+    temp_audio: float = 0.8
+    temp_text: float = 0.7
+    topk_audio: int = 250
+    topk_text: int = 25
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Everything needed to prime a session before its first live step."""
+
+    voice: str  # voice name known to the engine (e.g. "NATF2") or a path to a .pt/.wav voice prompt
+    prompt: str  # role prompt text, without the <system> wrapper
+    seed: int | None = None  # None: the engine draws one and reports it on the session
+    sampling: Sampling = Sampling()
+
+
+@dataclass(frozen=True)
+class AgentFrame:
+    """One 80 ms step of the agent."""
+
+    index: int  # live step number, 0 for the first frame of the call
+    pcm: np.ndarray  # float32 [FRAME_SAMPLES], 24 kHz, nominally in [-1, 1]
+    text: str  # the text piece of this step ("" when the model emitted padding)
+    token: int  # raw text token id (3 = PAD, 0 = end of padding)
+
+
+class EngineSession(Protocol):
+    """A primed conversation occupying one engine slot."""
+
+    id: str
+    seed: int
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Queue 80 ms (FRAME_SAMPLES) of caller audio; never blocks. Raises SessionClosed."""
+        ...
+
+    def frames(self) -> AsyncIterator[AgentFrame]:
+        """Agent frames, one per pushed caller frame, in order; ends when the session closes."""
+        ...
+
+    async def close(self) -> None:
+        """Free the slot now. Idempotent."""
+        ...
+
+
+class Engine(Protocol):
+    """Serves many sessions from one model."""
+
+    async def open(self, spec: SessionSpec) -> EngineSession:
+        """Prime a session (voice + role prompt) and return it ready for live frames."""
+        ...
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens the role prompt costs (each one is a model step of the prefill)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1 @@
+"""PersonaPlex-compatible model code: Mimi codec and the temporal/depth transformers."""

@@ -1,0 +1,1 @@
+"""duplexgate gateway: telephony media streams in, full-duplex agent audio out."""

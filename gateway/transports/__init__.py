@@ -1,0 +1,1 @@
+"""One module per carrier dialect, each translating its wire format to and from CallEvents."""
