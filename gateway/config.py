@@ -1,0 +1,202 @@
+"""The gateway's configuration: one TOML file mapping phone numbers to agents, plus server and engine.
+
+Read with the standard library's tomllib; secrets come from environment variables named in the file.
+Every validation error names the file, the section and the key, and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.api import Sampling
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "example.toml"
+_NUMBER_PUNCTUATION = str.maketrans("", "", " -().")
+
+
+class ConfigError(ValueError):
+    """The configuration file is unusable; the message names file, section and key."""
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    public_url: str = ""  # "https://gw.example.com": base of the TwiML stream URL and of signed URLs
+    stream_start_timeout_s: float = 5.0  # close a media stream that does not say `start` in time
+    call_token_ttl_s: float = 30.0  # how long a prepared call waits for its media stream
+
+
+@dataclass(frozen=True)
+class TwilioSection:
+    auth_token_env: str = "TWILIO_AUTH_TOKEN"
+    auth_token: str | None = None  # resolved from the environment, never read from the file
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    checkpoint: str = ""  # local directory or hub repo id; empty: the random tiny demo model
+    device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One agent a number can be routed to. Later issues add fields here (template, CRM, limits)."""
+
+    name: str
+    voice: str
+    prompt: str
+    seed: int | None = None
+    sampling: Sampling = Sampling()
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerSection = ServerSection()
+    twilio: TwilioSection = TwilioSection()
+    engine: EngineSection = EngineSection()
+    agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    numbers: Mapping[str, str] = field(default_factory=dict)  # normalised called number -> agent name
+    default_agent: str = ""
+    source: str = "<defaults>"
+
+    def agent_for(self, called: str | None) -> AgentConfig:
+        """The agent answering calls to `called`; the default agent for unknown or missing numbers."""
+        name = self.numbers.get(normalise_number(called or ""), self.default_agent)
+        return self.agents[name]
+
+
+def normalise_number(number: str) -> str:
+    """Drop the punctuation people write in numbers, so "+1 (555) 123-0000" matches "+15551230000"."""
+    return number.translate(_NUMBER_PUNCTUATION)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate a config file; without a path, the embedded `deploy/example.toml`."""
+    path = Path(path) if path is not None else EXAMPLE_CONFIG
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (pass --config PATH)") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    return parse_config(raw, source=str(path), env=os.environ if env is None else env)
+
+
+def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
+    """Validate an already-parsed TOML document."""
+    _reject_unknown(raw, {"server", "twilio", "engine", "agents", "numbers"}, source, "top level")
+    server = _build(ServerSection, raw.get("server", {}), source, "[server]")
+    twilio = _build(TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token"})
+    engine = _build(EngineSection, raw.get("engine", {}), source, "[engine]")
+
+    if server.public_url:
+        _check_public_url(server.public_url, source)
+    token = env.get(twilio.auth_token_env) or None
+    if token and not server.public_url:
+        raise ConfigError(
+            f"{source}: [server] public_url is required when {twilio.auth_token_env} is set "
+            "(Twilio signs the public URL, e.g. https://gw.example.com)"
+        )
+    twilio = dataclasses.replace(twilio, auth_token=token)
+
+    agents_raw = _table(raw.get("agents", {}), source, "[agents]")
+    agents: dict[str, AgentConfig] = {}
+    for name, table in agents_raw.items():
+        section = f"[agents.{name}]"
+        agents[name] = _build(AgentConfig, _table(table, source, section), source, section, name=name)
+    if not agents:
+        raise ConfigError(f"{source}: no agents; add an [agents.<name>] section with voice and prompt")
+
+    numbers_raw = dict(_table(raw.get("numbers", {}), source, "[numbers]"))
+    default_agent = numbers_raw.pop("default", None)
+    if default_agent is None:
+        if len(agents) > 1:
+            raise ConfigError(f"{source}: [numbers] default is missing; name the agent for unknown numbers")
+        default_agent = next(iter(agents))
+    numbers: dict[str, str] = {}
+    for number, agent in [("default", default_agent), *numbers_raw.items()]:
+        if not isinstance(agent, str) or agent not in agents:
+            raise ConfigError(
+                f"{source}: [numbers] {number} = {agent!r} is not an agent; known agents: {sorted(agents)}"
+            )
+        if number != "default":
+            numbers[normalise_number(number)] = agent
+    return GatewayConfig(
+        server=server,
+        twilio=twilio,
+        engine=engine,
+        agents=agents,
+        numbers=numbers,
+        default_agent=default_agent,
+        source=source,
+    )
+
+
+def _check_public_url(url: str, source: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise ConfigError(
+            f"{source}: [server] public_url = {url!r} must be a bare https:// base such as "
+            "'https://gw.example.com' (no path or query)"
+        )
+
+
+def _table(value: Any, source: str, section: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {section} must be a table, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(table: Mapping[str, Any], known: set[str], source: str, section: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{source}: {section} has unknown key '{key}'; known keys: {sorted(known)}")
+
+
+def _build(kind: type, table: Any, source: str, section: str, skip: frozenset | set = frozenset(), **given):
+    """Build dataclass `kind` from a TOML table, checking every key's name and type against its fields."""
+    table = _table(table, source, section)
+    hints = typing.get_type_hints(kind)
+    settable = {f.name for f in dataclasses.fields(kind)} - set(given) - set(skip)
+    _reject_unknown(table, settable, source, section)
+    kwargs: dict[str, Any] = dict(given)
+    for key, value in table.items():
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value, source, f"{section[:-1]}.{key}]")
+        else:
+            kwargs[key] = _check_type(value, expected, source, section, key)
+    try:
+        return kind(**kwargs)
+    except TypeError as exc:  # a required field without a value
+        missing = [f.name for f in dataclasses.fields(kind) if f.name not in kwargs]
+        raise ConfigError(f"{source}: {section} is missing required key(s) {missing}") from exc
+
+
+def _check_type(value: Any, expected: Any, source: str, section: str, key: str) -> Any:
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        if option is type(None):
+            continue
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, bool):
+            continue
+        if isinstance(value, option):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ConfigError(f"{source}: {section} {key} = {value!r} should be {names}")

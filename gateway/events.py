@@ -1,0 +1,111 @@
+"""Typed call events: the only currency between a carrier transport and a CallSession.
+
+Inbound events say what the carrier reported (stream up, caller audio, a key press, a played mark, stream
+down); outbound commands say what the call wants the carrier to do (play, mark, clear, end the stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class MalformedMessage(ValueError):
+    """A carrier message that cannot be turned into a CallEvent; the call drops it and goes on."""
+
+
+@dataclass(frozen=True)
+class MediaFormat:
+    """How the caller's audio is encoded on the wire, with carrier spellings already normalised."""
+
+    encoding: str = "mulaw"  # "mulaw" or "l16"
+    sample_rate: int = 8000
+    channels: int = 1
+
+
+# --- inbound: carrier -> call ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamConnected:
+    """The carrier opened the media stream; no call details yet."""
+
+    protocol: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    """The stream now carries one call; the carrier told us who it is."""
+
+    call_id: str  # the carrier's call id (Twilio CallSid)
+    stream_id: str  # the carrier's stream id, needed on every outbound message
+    caller: str | None = None  # From, when the carrier says it on the stream
+    called: str | None = None  # To, likewise
+    custom_parameters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    media_format: MediaFormat = MediaFormat()
+
+
+@dataclass(frozen=True)
+class CallerAudio:
+    """One chunk of the caller's audio, still in the carrier's encoding."""
+
+    payload: bytes
+    timestamp_ms: int | None = None  # stream-relative presentation time, when the carrier gives one
+
+
+@dataclass(frozen=True)
+class DtmfPressed:
+    """The caller pressed a key."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class MarkPlayed:
+    """The carrier echoed a mark: the audio before it has played, or was discarded by a clear."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class CallStopped:
+    """The stream ended on the carrier's side (hang-up, transfer, or the carrier stopped it)."""
+
+    reason: str = "stop"
+
+
+CallEvent = StreamConnected | CallStarted | CallerAudio | DtmfPressed | MarkPlayed | CallStopped
+
+
+# --- outbound: call -> carrier --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlayAudio:
+    """Queue agent audio at the carrier, already in the carrier's encoding."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PlaceMark:
+    """Ask the carrier to echo `name` once everything queued before it has played."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ClearAudio:
+    """Drop everything queued at the carrier (barge-in, hang-up, hand-off)."""
+
+
+@dataclass(frozen=True)
+class EndStream:
+    """Close the media stream; with a plain <Connect><Stream> this ends the phone call."""
+
+    reason: str
+
+
+OutboundCommand = PlayAudio | PlaceMark | ClearAudio | EndStream
