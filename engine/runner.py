@@ -1,0 +1,158 @@
+"""The batched model step: Mimi encode -> temporal + depth transformers -> Mimi decode for every slot
+that has a caller frame, leaving the other slots untouched.
+
+A slot is one conversation. All of its state lives in rows of preallocated tensors (KV ring, Mimi
+streaming buffers, the tokens of its next input position, its sampling settings), so slots start, stop
+and sit at different positions independently and a step always has the same shapes.
+
+Bookkeeping (engine-spec §3.8, reorganised): the reference's step n runs the transformer on position n-1
+and emits frame n-1; the caller frame it receives at step n is not used by that computation. We therefore
+run position n as soon as caller frame n arrives and emit frame n at once — the same tokens as the
+reference, 80 ms earlier. The reference's first live output (the last prompt frame, constant silence) is
+decoded during the prefill so the Mimi decoder state matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.api import Sampling
+from engine.model.lm import LMModel
+from engine.model.mimi import Mimi
+from engine.model.sampling import SamplingParams
+from engine.prompt import SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD, PromptPlan
+
+AGENT_CODEBOOKS = 8
+
+
+@dataclass
+class StepResult:
+    pcm: torch.Tensor  # float32 [B, 1920] agent audio of the emitted frame
+    tokens: torch.Tensor  # int64 [B, 17] frame tokens: text, agent cb0..7, user cb0..7
+
+
+class BatchRunner:
+    def __init__(self, lm: LMModel, mimi: Mimi, capacity: int) -> None:
+        self.lm, self.mimi, self.capacity = lm, mimi, capacity
+        device = lm.device
+        self.kv = lm.new_kv(capacity)
+        self.mimi_state = mimi.init_state(capacity, device)
+        long = dict(dtype=torch.long, device=device)
+        self.next_position = torch.zeros(capacity, **long)
+        # Agent side of the next input position: text, agent cb0, agent cb1..7 (delayed, i.e. previous frame's).
+        self.pending = torch.zeros(capacity, 2 + AGENT_CODEBOOKS - 1, **long)
+        self.user_delayed = torch.zeros(capacity, AGENT_CODEBOOKS - 1, **long)
+        self.forced_text = torch.full((capacity,), -1, **long)
+        self.text_params = _params(capacity, device)
+        self.audio_params = _params(capacity, device)
+
+    # ---- slot lifecycle -------------------------------------------------------------------------------
+
+    def configure(self, slot: int, sampling: Sampling, seed: int) -> None:
+        for params, temp, top_k in (
+            (self.text_params, sampling.temp_text, sampling.topk_text),
+            (self.audio_params, sampling.temp_audio, sampling.topk_audio),
+        ):
+            params.greedy[slot] = sampling.greedy
+            params.temperature[slot] = temp
+            params.top_k[slot] = max(1, top_k)
+            params.seed[slot] = seed & 0x7FFFFFFFFFFFFFFF
+        self.forced_text[slot] = -1
+
+    def prefill(self, slot: int, plan: PromptPlan, one_pass: bool = True) -> None:
+        """Reset `slot` and prime it with the prompt, ready for its first live frame."""
+        self.reset(slot)
+        lm, device = self.lm, self.lm.device
+        kv = self.kv.rows(slot, slot + 1)
+        inputs = lm.embed(plan.tokens.to(device)[None])
+        if plan.embeddings is not None:
+            inputs = torch.cat([plan.embeddings.to(device, lm.dtype)[None], inputs], dim=1)
+        length = plan.length
+        positions = torch.arange(length, device=device)[None]
+        if one_pass and length <= lm.cfg.context:
+            z = lm.temporal(inputs, positions, kv)[:, -1]
+        else:  # a prompt longer than the ring must see the ring wrap position by position
+            for p in range(length):
+                z = lm.temporal(inputs[:, p : p + 1], positions[:, p : p + 1], kv)[:, -1]
+        self._finish_prompt(slot, z, plan)
+
+    def _finish_prompt(self, slot: int, z: torch.Tensor, plan: PromptPlan) -> None:
+        """Sample the first live position's text and agent cb0 from the last prompt position."""
+        rows = slice(slot, slot + 1)
+        position = torch.full((1,), plan.length, dtype=torch.long, device=z.device)
+        text_params, audio_params = _rows(self.text_params, rows), _rows(self.audio_params, rows)
+        text = self.lm.text_token(z, text_params, position)
+        agent0 = self.lm.depformer_frame(z, text, 1, audio_params, position)[:, 0]
+        self.pending[slot, 0], self.pending[slot, 1] = text[0], agent0[0]
+        self.pending[slot, 2:] = plan.next_agent_delayed.to(z.device)
+        self.user_delayed[slot] = plan.next_user_delayed.to(z.device)
+        self.next_position[slot] = plan.length
+        # The reference's first live output is the last prompt frame; decode it so Mimi's state matches.
+        active = self._only(slot)
+        codes = torch.tensor(SILENCE_TOKENS, device=z.device).expand(self.capacity, -1)
+        self.mimi.decode_step(codes, self.mimi_state, active)
+
+    def reset(self, slot: int) -> None:
+        mask = self._only(slot)
+        self.kv.reset(mask)
+        self.mimi.reset(self.mimi_state, mask)
+        self.forced_text[slot] = -1
+
+    def force_text(self, slot: int, token: int) -> None:
+        """Make the next sampled text token of `slot` be `token` (-1 to stop forcing)."""
+        self.forced_text[slot] = token
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, pcm: torch.Tensor, active: torch.Tensor) -> StepResult:
+        """pcm float32 [capacity, 1920] caller audio; rows with active False are ignored and untouched."""
+        user = self.mimi.encode_step(pcm, self.mimi_state, active)
+        tokens = self.step_codes(user, active)
+        pcm_out = self.mimi.decode_step(tokens[:, 1 : 1 + AGENT_CODEBOOKS], self.mimi_state, active)
+        return StepResult(pcm_out, tokens)
+
+    @torch.inference_mode()
+    def step_codes(self, user: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The LM part of a step, from the caller's Mimi codes [B, 8]; returns the emitted frame [B, 17]."""
+        lm = self.lm
+        position = self.next_position
+        x = torch.cat([self.pending, user[:, :1], self.user_delayed], dim=1)
+        z = lm.temporal(lm.embed(x[:, None]), position[:, None], self.kv, active)[:, 0]
+        upcoming = position + 1
+        text = lm.text_token(z, self.text_params, upcoming)
+        text = torch.where(self.forced_text >= 0, self.forced_text, text)
+        audio = lm.depformer_frame(z, text, AGENT_CODEBOOKS, self.audio_params, upcoming)
+        emitted = torch.cat([self.pending[:, :2], audio[:, 1:], user], dim=1)
+        keep = ~active[:, None]
+        self.pending.copy_(torch.where(keep, self.pending, torch.cat([text[:, None], audio], dim=1)))
+        self.user_delayed.copy_(torch.where(keep, self.user_delayed, user[:, 1:]))
+        self.next_position.add_(active.long())
+        return emitted
+
+    def _only(self, slot: int) -> torch.Tensor:
+        mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.lm.device)
+        mask[slot] = True
+        return mask
+
+
+def prompt_frame_tokens() -> list[int]:
+    """The frame every session emits first in the reference: PAD text, agent silence, user sine."""
+    return [TEXT_PAD, *SILENCE_TOKENS, *SINE_TOKENS]
+
+
+def _params(capacity: int, device: torch.device) -> SamplingParams:
+    return SamplingParams(
+        greedy=torch.ones(capacity, dtype=torch.bool, device=device),
+        temperature=torch.ones(capacity, dtype=torch.float32, device=device),
+        top_k=torch.ones(capacity, dtype=torch.long, device=device),
+        seed=torch.zeros(capacity, dtype=torch.long, device=device),
+    )
+
+
+def _rows(params: SamplingParams, rows: slice) -> SamplingParams:
+    return SamplingParams(
+        params.greedy[rows], params.temperature[rows], params.top_k[rows], params.seed[rows]
+    )
