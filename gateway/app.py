@@ -1,0 +1,318 @@
+"""The FastAPI app: Twilio's voice webhook and media-stream WebSocket, wired to CallSessions and the engine.
+
+The voice webhook starts priming the engine session while the phone rings and answers TwiML at once with a
+single-use token bound to the CallSid; the media stream is authenticated before it is accepted, then
+claims that prepared call with the token from `start.customParameters` and bridges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
+
+from engine.api import Engine, EngineSession, SessionSpec
+from gateway.call import CallNotice, CallSession, NoticeHook
+from gateway.config import AgentConfig, GatewayConfig
+from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.transports.base import CarrierDialect
+from gateway.transports.twilio import MEDIA_PATH, VOICE_PATH, TwilioDialect, connect_stream_twiml
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big is not a media message
+TOKEN_PARAMETER = "token"
+POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
+
+
+@dataclass
+class PreparedCall:
+    """A call announced by the voice webhook, its engine session priming, waiting for its stream."""
+
+    call_id: str
+    token: str
+    agent: AgentConfig
+    caller: str | None
+    called: str | None
+    engine_session: asyncio.Task[EngineSession]
+    expiry: asyncio.TimerHandle | None = None
+
+
+class PreparedCalls:
+    """Single-use, short-lived per-call tokens; an unclaimed call's engine session is freed on expiry."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._by_call: dict[str, PreparedCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_call)
+
+    def add(self, call: PreparedCall) -> None:
+        previous = self._by_call.pop(call.call_id, None)
+        if previous is not None:  # the webhook came again for the same call: the newest wins
+            _discard(previous)
+        call.expiry = asyncio.get_running_loop().call_later(
+            self.ttl_s, self._expire, call.call_id, call.token
+        )
+        self._by_call[call.call_id] = call
+
+    def claim(self, call_id: str, token: str) -> PreparedCall | None:
+        """The prepared call for `call_id` if `token` is its token; it can be claimed only once."""
+        call = self._by_call.get(call_id)
+        if call is None or not hmac.compare_digest(call.token.encode(), token.encode()):
+            return None
+        del self._by_call[call_id]
+        if call.expiry is not None:
+            call.expiry.cancel()
+        return call
+
+    def discard_all(self) -> None:
+        for call in self._by_call.values():
+            _discard(call)
+        self._by_call.clear()
+
+    def _expire(self, call_id: str, token: str) -> None:
+        call = self._by_call.get(call_id)
+        if call is not None and call.token == token:
+            del self._by_call[call_id]
+            log.warning("call %s: no media stream within %.0f s of the voice webhook; engine session freed",
+                        call_id, self.ttl_s)  # fmt: skip
+            _discard(call)
+
+
+def _discard(call: PreparedCall) -> None:
+    if call.expiry is not None:
+        call.expiry.cancel()
+    task = call.engine_session
+    if not task.done():
+        task.cancel()
+    task.add_done_callback(_close_if_opened)
+
+
+def _close_if_opened(task: asyncio.Task[EngineSession]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    closing = asyncio.ensure_future(task.result().close())
+    _background.add(closing)
+    closing.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+class Gateway:
+    """Per-app state: configuration, engine, prepared calls and live calls."""
+
+    def __init__(self, config: GatewayConfig, engine: Engine, dialect: TwilioDialect) -> None:
+        self.config = config
+        self.engine = engine
+        self.twilio = dialect
+        self.prepared = PreparedCalls(config.server.call_token_ttl_s)
+        self.calls: dict[str, CallSession] = {}
+        self.notice_hooks: list[NoticeHook] = []  # later issues (escalation, records) subscribe here
+
+    def open_engine_session(self, agent: AgentConfig, call_id: str) -> asyncio.Task[EngineSession]:
+        spec = SessionSpec(voice=agent.voice, prompt=agent.prompt, seed=agent.seed, sampling=agent.sampling)
+        return asyncio.create_task(self.engine.open(spec), name=f"open:{call_id}")
+
+    def notice(self, notice: CallNotice) -> None:
+        for hook in self.notice_hooks:
+            try:
+                hook(notice)
+            except Exception:
+                log.exception("call %s: notice hook %r failed", notice.call_id, hook)
+
+    async def shutdown(self) -> None:
+        self.prepared.discard_all()
+        await asyncio.gather(
+            *(call.end("server_shutdown") for call in list(self.calls.values())), return_exceptions=True
+        )
+
+
+def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
+    """Build the gateway app for `config`, serving calls from `engine` (which the caller owns)."""
+    twilio = TwilioDialect(config.twilio.auth_token, config.server.public_url or None)
+    gateway = Gateway(config, engine, twilio)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if twilio.auth_token is None:
+            log.warning(
+                "%s: %s is not set: Twilio signatures are NOT checked; anyone who can reach this server can "
+                "place calls. Set it before exposing the gateway.",
+                config.source,
+                config.twilio.auth_token_env,
+            )
+        yield
+        await gateway.shutdown()
+
+    app = FastAPI(title="duplexgate", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "calls": len(gateway.calls), "prepared": len(gateway.prepared)}
+
+    @app.post(VOICE_PATH)
+    async def twilio_voice(request: Request) -> Response:
+        body = (await request.body()).decode("utf-8", errors="replace")
+        form = parse_qsl(body, keep_blank_values=True)  # exact values: signatures cover them byte for byte
+        if not twilio.verify_webhook(request.url.path, request.url.query, form, request.headers):
+            log.warning("voice webhook: bad or missing X-Twilio-Signature from %s; refused", request.client)
+            return Response("invalid signature", status_code=403, media_type="text/plain")
+        fields = dict(form)
+        call_id = fields.get("CallSid", "")
+        if not call_id:
+            return JSONResponse({"error": "voice webhook without CallSid"}, status_code=400)
+        agent = config.agent_for(fields.get("To"))
+        token = secrets.token_urlsafe(24)
+        gateway.prepared.add(
+            PreparedCall(
+                call_id=call_id,
+                token=token,
+                agent=agent,
+                caller=fields.get("From"),
+                called=fields.get("To"),
+                engine_session=gateway.open_engine_session(agent, call_id),
+            )
+        )
+        log.info(
+            "call %s: %s -> %s answered by agent %s",
+            call_id,
+            fields.get("From"),
+            fields.get("To"),
+            agent.name,
+        )
+        stream_url = twilio.stream_url(MEDIA_PATH, request_base=str(request.base_url))
+        twiml = connect_stream_twiml(stream_url, {TOKEN_PARAMETER: token})
+        return Response(twiml, media_type="application/xml")
+
+    @app.websocket(MEDIA_PATH)
+    async def twilio_media(websocket: WebSocket) -> None:
+        await serve_media_stream(websocket, twilio, gateway)
+
+    return app
+
+
+async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Gateway) -> None:
+    """One carrier media stream from upgrade to close; works for any dialect that reports CallStarted."""
+    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
+    if not dialect.verify_upgrade(websocket.url.path, websocket.headers):
+        log.warning("%s stream from %s: bad or missing signature; refused before accept", dialect.name, peer)
+        await websocket.close(code=POLICY_VIOLATION)  # before accept: the server answers HTTP 403
+        return
+    await websocket.accept()
+    try:
+        async with asyncio.timeout(gateway.config.server.stream_start_timeout_s):
+            started = await _wait_for_start(websocket, dialect, peer)
+    except TimeoutError:
+        log.warning("%s stream from %s: no start within %.1f s; closed", dialect.name, peer,
+                    gateway.config.server.stream_start_timeout_s)  # fmt: skip
+        await _close(websocket, POLICY_VIOLATION)
+        return
+    if started is None:  # the carrier went away before starting
+        return
+    call_id = started.call_id
+    token = started.custom_parameters.get(TOKEN_PARAMETER)
+    if token is not None:
+        prepared = gateway.prepared.claim(call_id, token)
+        if prepared is None:
+            log.warning(
+                "call %s: stream token unknown, expired, already used or for another call; closed", call_id
+            )
+            await _close(websocket, POLICY_VIOLATION)
+            return
+        started = replace(
+            started, caller=started.caller or prepared.caller, called=started.called or prepared.called
+        )
+        engine_session = prepared.engine_session
+    else:
+        # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent.
+        agent = gateway.config.agent_for(started.called)
+        log.info("call %s: stream without a token; priming agent %s now", call_id, agent.name)
+        engine_session = gateway.open_engine_session(agent, call_id)
+
+    stream_id = started.stream_id
+
+    async def send(command: OutboundCommand) -> None:
+        if isinstance(command, EndStream):
+            await _close(websocket, 1000, command.reason)
+        else:
+            await websocket.send_text(dialect.render(command, stream_id))  # type: ignore[arg-type]
+
+    call = CallSession(started, engine_session, send, on_notice=gateway.notice)
+    if call_id in gateway.calls:
+        log.warning("call %s: a second media stream replaces the first", call_id)
+        await gateway.calls[call_id].end("replaced_by_new_stream")
+    gateway.calls[call_id] = call
+    call.start()
+    try:
+        await _bridge(websocket, dialect, call)
+    finally:
+        await call.end("carrier_disconnected", notify_carrier=False)
+        if gateway.calls.get(call_id) is call:
+            del gateway.calls[call_id]
+
+
+async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: str) -> CallStarted | None:
+    while True:
+        raw = await _receive(websocket)
+        if raw is None:
+            return None
+        try:
+            event = dialect.parse(raw)
+        except MalformedMessage as exc:
+            log.warning(
+                "%s stream from %s: dropped malformed message before start: %s", dialect.name, peer, exc
+            )
+            continue
+        if isinstance(event, CallStarted):
+            return event
+        # `connected` precedes `start`; anything else before `start` has no call to go to.
+
+
+async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession) -> None:
+    while not call.ended:
+        raw = await _receive(websocket)
+        if raw is None:
+            return
+        if len(raw) > MAX_MESSAGE_BYTES:
+            call.stats.malformed_messages += 1
+            log.warning(
+                "call %s: dropped a %d-byte message (limit %d)", call.call_id, len(raw), MAX_MESSAGE_BYTES
+            )
+            continue
+        try:
+            event = dialect.parse(raw)
+        except MalformedMessage as exc:
+            call.stats.malformed_messages += 1
+            log.warning("call %s: dropped malformed message: %s", call.call_id, exc)
+            continue
+        await call.handle(event)
+
+
+async def _receive(websocket: WebSocket) -> str | bytes | None:
+    """The next message's text or bytes; None once the peer has gone."""
+    message: Mapping[str, Any] = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
+
+
+async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
+    try:
+        # A close reason is capped at 123 bytes of UTF-8.
+        await websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))
+    except RuntimeError:
+        pass  # already closed

@@ -1,0 +1,316 @@
+"""CallSession: one phone call from `start` to hang-up, between a carrier stream and an engine session.
+
+It speaks CallEvents with the transport and the EngineSession API with the engine, and knows neither a
+carrier's wire format nor a tensor. Caller audio is framed into 80 ms and pushed to the engine; each agent
+frame goes straight back to the carrier followed by a mark, and mark echoes say what the caller heard.
+
+Carrier buffer policy: before each agent frame is sent, the audio sent but not yet confirmed played
+(marks not yet echoed) must be at most `max_ahead_s` (200 ms); otherwise the frame is dropped, not
+queued. Holding it here would only move the delay from the carrier to us, and every frame of delay is
+added to every turn of the rest of the call; so the carrier never holds more than `max_ahead_s` plus the
+frame playing. Dropped frames still count on the agent clock and their text still enters the transcript.
+
+Caller audio that arrives while the engine session is still being primed is dropped for the same reason:
+the model steps once per caller frame in real time, so a backlog would never be worked off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from engine.api import FRAME_SAMPLES, SAMPLE_RATE, AgentFrame, EngineSession, SessionClosed
+from gateway.audio import InboundAudio, OutboundAudio
+from gateway.events import (
+    CallerAudio,
+    CallEvent,
+    CallStarted,
+    CallStopped,
+    ClearAudio,
+    DtmfPressed,
+    EndStream,
+    MarkPlayed,
+    OutboundCommand,
+    PlaceMark,
+    PlayAudio,
+    StreamConnected,
+)
+
+log = logging.getLogger(__name__)
+
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: one engine step
+MAX_AHEAD_S = 0.2
+
+SendCommand = Callable[[OutboundCommand], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TranscriptPiece:
+    """A piece of the agent's text, stamped with the agent audio clock at the start of its frame."""
+
+    at_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class CallNotice:
+    """Something that happened on a call, for hooks (escalation, limits, records) to react to."""
+
+    kind: str  # "started", "dtmf", "ended"
+    call_id: str
+    at_s: float  # caller audio clock
+    detail: str = ""
+
+
+NoticeHook = Callable[[CallNotice], None]
+
+
+@dataclass
+class CallStats:
+    caller_frames: int = 0  # 80 ms caller frames framed from the carrier's audio
+    caller_frames_dropped: int = 0  # arrived before the engine session was ready
+    agent_frames: int = 0  # produced by the engine
+    agent_frames_sent: int = 0
+    agent_frames_dropped: int = 0  # carrier already held max_ahead_s
+    agent_frames_heard: int = 0  # confirmed played by a mark echo
+    agent_frames_discarded: int = 0  # echoed after a clear: never played
+    malformed_messages: int = 0  # counted by the transport loop
+    dtmf: list[str] = field(default_factory=list)
+
+
+class CallSession:
+    """One call: owns its engine session, audio converters, playback accounting and transcript."""
+
+    def __init__(
+        self,
+        started: CallStarted,
+        engine_session: Awaitable[EngineSession],
+        send: SendCommand,
+        *,
+        max_ahead_s: float = MAX_AHEAD_S,
+        on_notice: NoticeHook | None = None,
+    ) -> None:
+        self.call_id = started.call_id
+        self.started = started
+        self.max_ahead_s = max_ahead_s
+        self.stats = CallStats()
+        self.transcript: list[TranscriptPiece] = []
+        self.end_reason: str | None = None
+        self._send = send
+        self._on_notice = on_notice
+        fmt = started.media_format
+        self._inbound = InboundAudio(encoding=fmt.encoding, rate=fmt.sample_rate)
+        self._outbound = OutboundAudio(encoding=fmt.encoding, rate=fmt.sample_rate)
+        self._engine_task: asyncio.Future[EngineSession] = asyncio.ensure_future(engine_session)
+        self._engine: EngineSession | None = None
+        self._agent_task: asyncio.Task[None] | None = None
+        self._first_pushed_frame: int | None = None  # caller frame the agent clock starts at
+        self._unconfirmed: deque[str] = deque()  # marks sent, not yet echoed, oldest first
+        self._cleared: set[str] = set()  # marks pending when we sent a clear: their echo means discarded
+        self._ended = asyncio.Event()
+
+    # --- clocks -------------------------------------------------------------------------------------
+
+    @property
+    def caller_clock_s(self) -> float:
+        """Seconds of caller audio received (whole 80 ms frames)."""
+        return self.stats.caller_frames * FRAME_S
+
+    @property
+    def agent_clock_s(self) -> float:
+        """Call time at the end of the last agent frame produced; agent frame i answers the i-th caller
+        frame pushed, so the agent clock starts where the caller clock stood at the first push."""
+        if self._first_pushed_frame is None:
+            return 0.0
+        return (self._first_pushed_frame + self.stats.agent_frames) * FRAME_S
+
+    @property
+    def heard_s(self) -> float:
+        """Agent audio the carrier confirmed played."""
+        return self.stats.agent_frames_heard * FRAME_S
+
+    @property
+    def carrier_ahead_s(self) -> float:
+        """Agent audio at the carrier not yet confirmed played (the frame playing included)."""
+        return len(self._unconfirmed) * FRAME_S
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin serving the call: wait for the engine session, then stream agent frames back."""
+        if self._agent_task is None:
+            self._agent_task = asyncio.create_task(self._serve_agent(), name=f"agent:{self.call_id}")
+            self._notify("started", f"stream {self.started.stream_id}")
+
+    async def handle(self, event: CallEvent) -> None:
+        """Apply one inbound event; an event that makes no sense now is logged and dropped."""
+        if self.ended:
+            return
+        if isinstance(event, CallerAudio):
+            try:
+                self._on_caller_audio(event.payload)
+            except ValueError as exc:  # e.g. a payload the decoder cannot take: drop it, keep the call
+                log.warning("call %s: dropped caller audio (%s)", self.call_id, exc)
+        elif isinstance(event, MarkPlayed):
+            self._on_mark(event.name)
+        elif isinstance(event, DtmfPressed):
+            self.stats.dtmf.append(event.digit)
+            self._notify("dtmf", event.digit)
+        elif isinstance(event, CallStopped):
+            await self.end(f"carrier_{event.reason}", notify_carrier=False)
+        elif isinstance(event, CallStarted | StreamConnected):
+            log.warning(
+                "call %s: dropped a second %s on a running stream", self.call_id, type(event).__name__
+            )
+        else:
+            log.warning("call %s: dropped unexpected event %r", self.call_id, event)
+
+    async def end(self, reason: str, *, notify_carrier: bool = True) -> None:
+        """End the call now, once: free the engine slot, stop our tasks, and (when the carrier is still
+        there) clear its buffered audio and close the stream. Later issues' limits and escalations end
+        calls through here."""
+        if self.ended:
+            return
+        self.end_reason = reason
+        self._ended.set()
+        current = asyncio.current_task()
+        if self._agent_task is not None and self._agent_task is not current:
+            self._agent_task.cancel()
+        await self._release_engine()
+        if notify_carrier:
+            try:
+                if self._unconfirmed:
+                    self._cleared.update(self._unconfirmed)
+                    self._unconfirmed.clear()
+                    self._outbound.reset()  # no filter tail of the cleared audio may follow
+                    await self._send(ClearAudio())
+                await self._send(EndStream(reason))
+            except Exception as exc:  # the carrier may already be gone; nothing left to tell it
+                log.info("call %s: could not notify the carrier of the end (%s)", self.call_id, exc)
+        if self._agent_task is not None and self._agent_task is not current:
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+        log.info("call %s ended: %s; %s", self.call_id, reason, self.stats)
+        self._notify("ended", reason)
+
+    # --- caller -> engine ---------------------------------------------------------------------------
+
+    def _on_caller_audio(self, payload: bytes) -> None:
+        for frame in self._inbound.push(payload):
+            self.stats.caller_frames += 1
+            if self._engine is None:
+                self.stats.caller_frames_dropped += 1
+                continue
+            if self._first_pushed_frame is None:
+                self._first_pushed_frame = self.stats.caller_frames - 1
+            try:
+                self._engine.push(frame)
+            except SessionClosed:
+                self._spawn_end("engine_lost")
+                return
+
+    # --- engine -> carrier --------------------------------------------------------------------------
+
+    async def _serve_agent(self) -> None:
+        try:
+            self._engine = await self._engine_task
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # EngineBusy, EngineError, or an engine bug: never leave dead air
+            kind = type(exc).__name__
+            log.warning(
+                "call %s: engine could not open a session (%s: %s); closing the stream so the call "
+                "falls through",
+                self.call_id,
+                kind,
+                exc,
+            )
+            await self.end(f"engine_unavailable: {kind}: {exc}")
+            return
+        if self.ended:  # the call ended while the session was priming
+            await self._release_engine()
+            return
+        try:
+            async for frame in self._engine.frames():
+                await self._on_agent_frame(frame)
+        except Exception as exc:  # a send to a vanished carrier, or an engine fault
+            log.warning("call %s: agent stream failed (%r)", self.call_id, exc)
+            await self.end("agent_stream_failed", notify_carrier=False)
+            return
+        if not self.ended:  # the engine ended the session on its own
+            await self.end("engine_lost")
+
+    async def _on_agent_frame(self, frame: AgentFrame) -> None:
+        at_s = self.agent_clock_s
+        self.stats.agent_frames += 1
+        if frame.text:
+            self.transcript.append(TranscriptPiece(at_s=round(at_s, 3), text=frame.text))
+        # Encode every frame, sent or not, so the converter's filter state follows the real timeline.
+        payload = self._outbound.encode(frame.pcm)
+        if self.carrier_ahead_s > self.max_ahead_s + 1e-9:
+            self.stats.agent_frames_dropped += 1
+            return
+        name = f"agent-{frame.index}"
+        await self._send(PlayAudio(payload))
+        await self._send(PlaceMark(name))
+        self._unconfirmed.append(name)
+        self.stats.agent_frames_sent += 1
+
+    def _on_mark(self, name: str) -> None:
+        if name in self._cleared:
+            self._cleared.discard(name)
+            self.stats.agent_frames_discarded += 1
+            return
+        if name not in self._unconfirmed:
+            log.warning("call %s: dropped echo of unknown mark %r", self.call_id, name)
+            return
+        # Carriers play in order, so an echo confirms every older mark too.
+        while self._unconfirmed:
+            self.stats.agent_frames_heard += 1
+            if self._unconfirmed.popleft() == name:
+                break
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    async def _release_engine(self) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+            return
+        task = self._engine_task
+        if not task.done():
+            task.cancel()
+        # Whenever the open finishes (even after our cancel), close what it opened: the slot is ours.
+        task.add_done_callback(_close_opened_session)
+
+    def _spawn_end(self, reason: str) -> None:
+        task = asyncio.create_task(self.end(reason), name=f"end:{self.call_id}")
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def _notify(self, kind: str, detail: str) -> None:
+        if self._on_notice is None:
+            return
+        try:
+            self._on_notice(CallNotice(kind, self.call_id, round(self.caller_clock_s, 3), detail))
+        except Exception:
+            log.exception("call %s: notice hook failed on %s", self.call_id, kind)
+
+
+_background: set[asyncio.Task[None]] = set()  # keeps fire-and-forget tasks referenced until done
+
+
+def _close_opened_session(task: asyncio.Future[EngineSession]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    closing = asyncio.ensure_future(task.result().close())
+    _background.add(closing)  # type: ignore[arg-type]
+    closing.add_done_callback(_background.discard)  # type: ignore[arg-type]

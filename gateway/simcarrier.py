@@ -1,0 +1,476 @@
+"""A simulated Twilio carrier: places one call against a gateway over real HTTP and WebSocket, speaking
+Twilio's Media Streams protocol the way Twilio does, and records what the caller would have heard.
+
+It can fetch TwiML from the voice webhook first, signs requests when given an auth token, streams caller
+audio as 20 ms mu-law `media` messages in real time, plays the gateway's audio on a real-time playout
+clock, echoes marks when the audio before them has played (at once when nothing is queued), honours
+`clear`, and checks every message the gateway sends against Twilio's exact outbound shapes. Used by the
+tests, by `duplexgate call` and by the load benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+import warnings
+import wave
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import httpx
+import numpy as np
+import soxr
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.transports.twilio import compute_signature
+
+with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+RATE = 8000
+CHUNK = 160  # 20 ms of 8 kHz mu-law: what Twilio sends per media message
+CHUNK_S = CHUNK / RATE
+MULAW_SILENCE = 0xFF
+USER_AGENT = "Twilio.TmeWs/1.0"
+_OUTBOUND_KEYS = {
+    "media": {"event", "streamSid", "media"},
+    "mark": {"event", "streamSid", "mark"},
+    "clear": {"event", "streamSid"},
+}
+
+
+@dataclass
+class SimCallSummary:
+    """What one simulated call saw. Times are seconds; `heard` is the caller's ear at 8 kHz int16."""
+
+    call_sid: str
+    stream_sid: str
+    handshake_status: int | None = None  # 101 when the stream was accepted, else the HTTP status
+    stream_parameters: dict[str, str] = field(default_factory=dict)  # <Parameter>s from the TwiML
+    media_sent: int = 0
+    dtmf_sent: int = 0
+    media_received: int = 0
+    audio_received_s: float = 0.0
+    marks_received: int = 0
+    marks_echoed: int = 0
+    clears_received: int = 0
+    violations: list[str] = field(default_factory=list)
+    first_audio_latency_s: float | None = None  # first caller audio sent -> first agent audio received
+    frame_latencies_ms: list[float] = field(default_factory=list)  # 4th caller chunk of a frame -> reply
+    closed_by: str = ""  # "carrier" (we sent stop / dropped) or "gateway"
+    close_code: int | None = None
+    outbound_log: list[tuple[float, str]] = field(default_factory=list)  # (time, event) in arrival order
+    heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+
+    @property
+    def heard_s(self) -> float:
+        return len(self.heard) / RATE
+
+    def brief(self) -> dict[str, Any]:
+        """The summary without the recording and logs, for printing."""
+        lat = np.asarray(self.frame_latencies_ms)
+        return {
+            "call_sid": self.call_sid,
+            "handshake_status": self.handshake_status,
+            "media_sent": self.media_sent,
+            "media_received": self.media_received,
+            "audio_received_s": round(self.audio_received_s, 3),
+            "marks_received": self.marks_received,
+            "marks_echoed": self.marks_echoed,
+            "clears_received": self.clears_received,
+            "violations": len(self.violations),
+            "first_audio_latency_ms": None
+            if self.first_audio_latency_s is None
+            else round(self.first_audio_latency_s * 1000, 1),
+            "frame_latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+            "frame_latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+            "closed_by": self.closed_by,
+            "close_code": self.close_code,
+        }
+
+
+def read_wav_8k(path: str | Path) -> np.ndarray:
+    """A 16-bit PCM wav at any rate and channel count, as mono int16 at 8 kHz."""
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: {8 * wav.getsampwidth()}-bit samples; give a 16-bit PCM wav")
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+    pcm = pcm.reshape(-1, channels).mean(axis=1)
+    if rate != RATE:
+        pcm = soxr.resample(pcm, rate, RATE, quality="HQ")
+    return np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def write_wav(path: str | Path, pcm_8k: np.ndarray, rate: int = RATE) -> None:
+    """Write 8 kHz int16 audio as a 16-bit mono wav at `rate` (8000 or 24000)."""
+    pcm = pcm_8k
+    if rate != RATE:
+        pcm = soxr.resample(pcm_8k.astype(np.float32) / 32768.0, RATE, rate, quality="HQ")
+        pcm = np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm.astype("<i2").tobytes())
+
+
+async def fetch_twiml(
+    webhook: str, form: Mapping[str, str], auth_token: str | None, timeout_s: float = 5.0
+) -> tuple[str, dict[str, str]]:
+    """POST the voice webhook as Twilio does and return the <Stream> url and its <Parameter>s."""
+    headers = {"User-Agent": "TwilioProxy/1.1"}
+    if auth_token:
+        headers["X-Twilio-Signature"] = compute_signature(auth_token, webhook, form.items())
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        response = await client.post(webhook, data=dict(form), headers=headers)
+    if response.status_code != 200:
+        raise RuntimeError(f"voice webhook {webhook} answered {response.status_code}: {response.text[:200]}")
+    root = ElementTree.fromstring(response.text)
+    stream = root.find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise RuntimeError(
+            f"voice webhook {webhook}: TwiML has no <Connect><Stream url>: {response.text[:300]}"
+        )
+    params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+    return stream.get("url", ""), params
+
+
+def check_outbound(message: str | bytes, stream_sid: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Validate one gateway -> Twilio message; returns (message, None) or (None, what is wrong)."""
+    if not isinstance(message, str):
+        return None, "binary frame (Twilio error 31950)"
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None, f"not JSON: {message[:80]!r}"
+    if not isinstance(data, dict):
+        return None, "JSON is not an object"
+    event = data.get("event")
+    keys = _OUTBOUND_KEYS.get(event)  # type: ignore[arg-type]
+    if keys is None:
+        return None, f"unknown event {event!r}"
+    if set(data) != keys:
+        return None, f"{event}: fields {sorted(data)} != {sorted(keys)}"
+    if data["streamSid"] != stream_sid:
+        return None, f"{event}: wrong streamSid {data['streamSid']!r}"
+    if event == "media":
+        media = data["media"]
+        if not isinstance(media, dict) or set(media) != {"payload"} or not isinstance(media["payload"], str):
+            return None, f"media: 'media' must be exactly {{'payload': str}}, got {media!r:.80}"
+        try:
+            payload = base64.b64decode(media["payload"], validate=True)
+        except binascii.Error:
+            return None, "media: payload is not base64"
+        if not payload:
+            return None, "media: empty payload"
+        if payload[:4] in (b"RIFF", b".snd"):
+            return None, "media: payload has a file header (it would play as noise)"
+    elif event == "mark":
+        mark = data["mark"]
+        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
+            return None, f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}"
+    return data, None
+
+
+class _Playout:
+    """The carrier's outbound buffer on a real-time clock, and the caller's ear recording it."""
+
+    def __init__(self, origin: float, expected_s: float) -> None:
+        self.origin = origin
+        self.end = origin  # when the audio queued so far will have finished playing
+        self.ear = np.zeros(int((expected_s + 2.0) * RATE), np.int16)
+        self.last_sample = 0
+        self.pending: deque[tuple[float, str]] = deque()  # (due time, mark name)
+        self.wake = asyncio.Event()
+
+    def play(self, now: float, pcm: np.ndarray) -> None:
+        start = max(now, self.end)
+        self.end = start + len(pcm) / RATE
+        first = int(round((start - self.origin) * RATE))
+        last = first + len(pcm)
+        if last > len(self.ear):
+            self.ear = np.concatenate([self.ear, np.zeros(last - len(self.ear) + 10 * RATE, np.int16)])
+        self.ear[first:last] = pcm
+        self.last_sample = max(self.last_sample, last)
+
+    def clear(self, now: float) -> list[str]:
+        """Drop unplayed audio; returns the pending marks, all of which are echoed at once."""
+        cut = int(round((now - self.origin) * RATE))
+        if cut < self.last_sample:
+            self.ear[max(cut, 0) : self.last_sample] = 0
+            self.last_sample = max(cut, 0)
+        self.end = now
+        names = [name for _, name in self.pending]
+        self.pending.clear()
+        return names
+
+
+async def simulate_call(
+    url: str | None,
+    audio: str | Path | np.ndarray,
+    *,
+    webhook: str | None = None,
+    caller: str = "+15550001111",
+    called: str = "+15550002222",
+    auth_token: str | None = None,
+    custom_parameters: Mapping[str, str] | None = None,
+    dtmf: Sequence[tuple[str, float]] = (),
+    inject: Sequence[tuple[float, str | bytes]] = (),
+    tail_s: float = 0.5,
+    drop_at_s: float | None = None,
+    connect_timeout_s: float = 5.0,
+) -> SimCallSummary:
+    """Place one simulated call and return what happened.
+
+    `url` is the media-stream WebSocket to connect to; with `webhook`, the TwiML is fetched first and its
+    stream URL is used when `url` is None (and is what gets signed either way, as Twilio signs the URL
+    written in the TwiML). `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it
+    (a listening caller still sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)]
+    for fault injection; `drop_at_s` cuts the connection at that time without a `stop`.
+    """
+    pcm = read_wav_8k(audio) if isinstance(audio, str | Path) else np.asarray(audio, dtype=np.int16)
+    call_sid = "CA" + secrets.token_hex(16)
+    summary = SimCallSummary(call_sid=call_sid, stream_sid="MZ" + secrets.token_hex(16))
+    params = dict(custom_parameters or {})
+    signed_url = url
+    if webhook is not None:
+        form = {
+            "AccountSid": "AC" + "0" * 32,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call_sid,
+            "CallStatus": "ringing",
+            "Called": called,
+            "Caller": caller,
+            "Direction": "inbound",
+            "From": caller,
+            "To": called,
+        }
+        signed_url, twiml_params = await fetch_twiml(webhook, form, auth_token, connect_timeout_s)
+        params.update(twiml_params)
+        summary.stream_parameters = twiml_params
+        url = url or signed_url
+    if url is None:
+        raise ValueError("simulate_call needs a stream url or a webhook that returns one")
+    headers = {"x-twilio-signature": compute_signature(auth_token, signed_url or url)} if auth_token else {}
+    try:
+        ws = await connect(
+            url,
+            additional_headers=headers,
+            user_agent_header=USER_AGENT,
+            compression=None,
+            open_timeout=connect_timeout_s,
+            max_size=2**20,
+        )
+    except InvalidStatus as exc:
+        summary.handshake_status = exc.response.status_code
+        return summary
+    summary.handshake_status = 101
+    async with ws:
+        await _CallRun(ws, summary, pcm, params, dtmf, inject, tail_s, drop_at_s).run()
+    return summary
+
+
+class _CallRun:
+    """The three concurrent parts of a live simulated call: caller, playout/receiver, mark echoes."""
+
+    def __init__(
+        self,
+        ws: ClientConnection,
+        summary: SimCallSummary,
+        pcm: np.ndarray,
+        params: dict[str, str],
+        dtmf: Sequence[tuple[str, float]],
+        inject: Sequence[tuple[float, str | bytes]],
+        tail_s: float,
+        drop_at_s: float | None,
+    ) -> None:
+        self.ws = ws
+        self.s = summary
+        silence = np.zeros(int(round(tail_s * RATE)), np.int16)
+        padded = np.concatenate([pcm, silence])
+        padded = np.concatenate([padded, np.zeros(-len(padded) % CHUNK, np.int16)])
+        self.ulaw = audioop.lin2ulaw(padded.astype("<i2").tobytes(), 2)
+        self.params = params
+        self.schedule = sorted(
+            [(t, "dtmf", d) for d, t in dtmf] + [(t, "inject", m) for t, m in inject], key=lambda x: x[0]
+        )
+        self.drop_at_s = drop_at_s
+        self.seq = 0
+        self.lock = asyncio.Lock()
+        self.sent_at: list[float] = []  # send time of each caller chunk
+        self.first_audio_at: float | None = None
+        self.loop = asyncio.get_running_loop()
+        self.playout: _Playout | None = None
+        self.gone = asyncio.Event()
+
+    async def send_event(self, message: dict[str, Any]) -> None:
+        async with self.lock:  # sequence numbers must go out in order
+            self.seq += 1
+            message["sequenceNumber"] = str(self.seq)
+            await self.ws.send(json.dumps(message))
+
+    async def run(self) -> None:
+        await self.ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await self.send_event(
+            {
+                "event": "start",
+                "start": {
+                    "accountSid": "AC" + "0" * 32,
+                    "streamSid": self.s.stream_sid,
+                    "callSid": self.s.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": self.params,
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
+                },
+                "streamSid": self.s.stream_sid,
+            }
+        )
+        origin = self.loop.time()
+        self.playout = _Playout(origin, len(self.ulaw) / RATE)
+        receiver = asyncio.create_task(self._receive())
+        echoes = asyncio.create_task(self._echo_marks())
+        try:
+            await self._speak(origin)
+        finally:
+            echoes.cancel()
+            if not receiver.done():
+                receiver.cancel()
+            await asyncio.gather(receiver, echoes, return_exceptions=True)
+        self.s.heard = self.playout.ear[: max(self.playout.last_sample, len(self.ulaw))].copy()
+        if self.first_audio_at is not None and self.sent_at:
+            self.s.first_audio_latency_s = self.first_audio_at - self.sent_at[0]
+
+    async def _speak(self, origin: float) -> None:
+        """Caller side: a media message every 20 ms on an absolute schedule, DTMF and injections between."""
+        schedule = deque(self.schedule)
+        chunks = len(self.ulaw) // CHUNK
+        try:
+            for n in range(chunks):
+                due = origin + n * CHUNK_S
+                while schedule and schedule[0][0] <= n * CHUNK_S:
+                    await self._scheduled(*schedule.popleft())
+                if self.drop_at_s is not None and n * CHUNK_S >= self.drop_at_s:
+                    self.s.closed_by = "carrier"
+                    self.ws.transport.abort()  # the carrier vanishes: no stop, no close handshake
+                    return
+                delay = due - self.loop.time()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(self.gone.wait(), delay)
+                    except TimeoutError:
+                        pass
+                if self.gone.is_set():
+                    return
+                payload = base64.b64encode(self.ulaw[n * CHUNK : (n + 1) * CHUNK]).decode("ascii")
+                media = {
+                    "track": "inbound",
+                    "chunk": str(n + 1),
+                    "timestamp": str(n * 20),
+                    "payload": payload,
+                }
+                self.sent_at.append(self.loop.time())
+                await self.send_event({"event": "media", "media": media, "streamSid": self.s.stream_sid})
+                self.s.media_sent += 1
+            self.s.closed_by = "carrier"
+            await self.send_event(
+                {
+                    "event": "stop",
+                    "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.s.call_sid},
+                    "streamSid": self.s.stream_sid,
+                }
+            )
+            try:
+                await asyncio.wait_for(self.ws.close(), 2.0)
+            except TimeoutError:
+                pass
+        except ConnectionClosed:
+            return
+
+    async def _scheduled(self, _at: float, kind: str, what: str | bytes) -> None:
+        if kind == "dtmf":
+            dtmf = {"track": "inbound_track", "digit": what}
+            await self.send_event({"event": "dtmf", "streamSid": self.s.stream_sid, "dtmf": dtmf})
+            self.s.dtmf_sent += 1
+        else:
+            await self.ws.send(what)
+
+    async def _receive(self) -> None:
+        """Carrier side of the gateway's messages: validate, play, queue marks, clear."""
+        assert self.playout is not None
+        playout = self.playout
+        try:
+            async for message in self.ws:
+                now = self.loop.time()
+                data, problem = check_outbound(message, self.s.stream_sid)
+                if problem is not None:
+                    self.s.violations.append(problem)
+                    continue
+                assert data is not None
+                event = data["event"]
+                self.s.outbound_log.append((now - playout.origin, event))
+                if event == "media":
+                    self._on_media(now, base64.b64decode(data["media"]["payload"]))
+                elif event == "mark":
+                    self.s.marks_received += 1
+                    if playout.end <= now:
+                        await self._echo(data["mark"]["name"])
+                    else:
+                        playout.pending.append((playout.end, data["mark"]["name"]))
+                        playout.wake.set()
+                else:  # clear
+                    self.s.clears_received += 1
+                    for name in playout.clear(now):
+                        await self._echo(name)
+        except ConnectionClosed:
+            pass
+        if not self.s.closed_by:
+            self.s.closed_by = "gateway"
+        self.s.close_code = self.ws.close_code
+        self.gone.set()
+
+    def _on_media(self, now: float, ulaw: bytes) -> None:
+        assert self.playout is not None
+        pcm = np.frombuffer(audioop.ulaw2lin(ulaw, 2), dtype="<i2")
+        self.playout.play(now, pcm)
+        self.s.audio_received_s += len(ulaw) / RATE
+        k = self.s.media_received
+        self.s.media_received += 1
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        # Reply k answers caller chunks 4k..4k+3 (one 80 ms model frame): its delay after the 4th chunk.
+        fourth = 4 * k + 3
+        if fourth < len(self.sent_at):
+            self.s.frame_latencies_ms.append((now - self.sent_at[fourth]) * 1000)
+
+    async def _echo_marks(self) -> None:
+        assert self.playout is not None
+        playout = self.playout
+        while True:
+            if not playout.pending:
+                playout.wake.clear()
+                await playout.wake.wait()
+                continue
+            due, name = playout.pending[0]
+            delay = due - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue  # a clear may have emptied the queue meanwhile
+            playout.pending.popleft()
+            await self._echo(name)
+
+    async def _echo(self, name: str) -> None:
+        try:
+            await self.send_event({"event": "mark", "streamSid": self.s.stream_sid, "mark": {"name": name}})
+            self.s.marks_echoed += 1
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,131 @@
+"""Shared fixtures: the engine the gateway tests run on, a live gateway under real uvicorn on 127.0.0.1,
+and real wav files of test tones."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import tomllib
+import wave
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+
+from bench.echo_engine import EchoEngine
+from engine.api import Engine
+from gateway.app import create_app
+from gateway.config import EXAMPLE_CONFIG, GatewayConfig, parse_config
+
+TEST_AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+@pytest.fixture
+def engine() -> Engine:
+    """The engine behind gateway tests that only need some engine. The echo engine for now; switch to
+    the tiny real engine (`engine.embedded`) here once it lands."""
+    return EchoEngine()
+
+
+@pytest.fixture
+def echo_engine() -> EchoEngine:
+    """An echo engine for tests that need its knobs (slow priming, busy, failing, losing sessions)."""
+    return EchoEngine()
+
+
+@dataclass
+class LiveGateway:
+    """A gateway app served by uvicorn in its own thread and event loop, on a real loopback port."""
+
+    base_url: str
+    app: Any
+    engine: Any
+    auth_token: str | None
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/twilio/media"
+
+    @property
+    def webhook(self) -> str:
+        return self.base_url + "/twilio/voice"
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.gateway
+
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
+        """Poll `condition` (gateway state lives in the server thread) for at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.01)
+        return condition()
+
+
+def gateway_config(public_url: str, auth_token: str | None = None, **server: Any) -> GatewayConfig:
+    """The example config with this server's public URL (and optionally an auth token) filled in."""
+    with EXAMPLE_CONFIG.open("rb") as fh:
+        raw = tomllib.load(fh)
+    raw["server"].update(public_url=public_url, **server)
+    env = {raw["twilio"]["auth_token_env"]: auth_token} if auth_token else {}
+    return parse_config(raw, source=str(EXAMPLE_CONFIG), env=env)
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Callable[..., LiveGateway]]:
+    """Factory: start_gateway(engine, auth_token=None, **server_settings) -> LiveGateway (stopped after)."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(engine: Any, auth_token: str | None = None, **server: Any) -> LiveGateway:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        app = create_app(gateway_config(base_url, auth_token, **server), engine)
+        config = uvicorn.Config(app, log_level="warning", ws_max_size=1 << 20, lifespan="on")
+        uv = uvicorn.Server(config)
+        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((uv, thread))
+        deadline = time.monotonic() + 10
+        while not uv.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"test gateway on {base_url} did not start")
+            time.sleep(0.01)
+        return LiveGateway(base_url, app, engine, auth_token)
+
+    yield start
+    for uv, thread in servers:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_gateway(start_gateway: Callable[..., LiveGateway], engine: Engine) -> LiveGateway:
+    """A running gateway without Twilio auth, on the `engine` fixture."""
+    return start_gateway(engine)
+
+
+@pytest.fixture
+def tone_wav(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: tone_wav(freq_hz, seconds, rate=24000, amplitude=0.3) -> path of a real 16-bit wav file."""
+
+    def write(freq_hz: float, seconds: float, rate: int = 24000, amplitude: float = 0.3) -> Path:
+        t = np.arange(int(seconds * rate)) / rate
+        pcm = np.round(amplitude * 32767 * np.sin(2 * np.pi * freq_hz * t)).astype("<i2")
+        path = tmp_path / f"tone_{freq_hz:g}hz_{seconds:g}s_{rate}.wav"
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(rate)
+            wav.writeframes(pcm.tobytes())
+        return path
+
+    return write
