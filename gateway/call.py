@@ -154,15 +154,15 @@ class CallSession:
 
     async def handle(self, event: CallEvent) -> None:
         """Apply one inbound event; an event that makes no sense now is logged and dropped."""
-        if self.ended:
+        if isinstance(event, MarkPlayed):  # echoes keep coming after a clear at the end; count them
+            self._on_mark(event.name)
+        elif self.ended:
             return
-        if isinstance(event, CallerAudio):
+        elif isinstance(event, CallerAudio):
             try:
                 self._on_caller_audio(event.payload)
             except ValueError as exc:  # e.g. a payload the decoder cannot take: drop it, keep the call
                 log.warning("call %s: dropped caller audio (%s)", self.call_id, exc)
-        elif isinstance(event, MarkPlayed):
-            self._on_mark(event.name)
         elif isinstance(event, DtmfPressed):
             self.stats.dtmf.append(event.digit)
             self._notify("dtmf", event.digit)
@@ -189,11 +189,7 @@ class CallSession:
         await self._release_engine()
         if notify_carrier:
             try:
-                if self._unconfirmed:
-                    self._cleared.update(self._unconfirmed)
-                    self._unconfirmed.clear()
-                    self._outbound.reset()  # no filter tail of the cleared audio may follow
-                    await self._send(ClearAudio())
+                await self.clear_carrier()
                 await self._send(EndStream(reason))
             except Exception as exc:  # the carrier may already be gone; nothing left to tell it
                 log.info("call %s: could not notify the carrier of the end (%s)", self.call_id, exc)
@@ -201,6 +197,16 @@ class CallSession:
             await asyncio.gather(self._agent_task, return_exceptions=True)
         log.info("call %s ended: %s; %s", self.call_id, reason, self.stats)
         self._notify("ended", reason)
+
+    async def clear_carrier(self) -> None:
+        """Drop the agent audio queued at the carrier (hang-up, hand-off); the echoes of its marks that
+        follow mean "discarded", not "heard"."""
+        if not self._unconfirmed:
+            return
+        self._cleared.update(self._unconfirmed)
+        self._unconfirmed.clear()
+        self._outbound.reset()  # no filter tail of the dropped audio may follow
+        await self._send(ClearAudio())
 
     # --- caller -> engine ---------------------------------------------------------------------------
 

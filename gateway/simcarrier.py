@@ -62,6 +62,7 @@ class SimCallSummary:
     audio_received_s: float = 0.0
     marks_received: int = 0
     marks_echoed: int = 0
+    marks_pending: int = 0  # marks still waiting for their audio to play when the call ended
     clears_received: int = 0
     violations: list[str] = field(default_factory=list)
     first_audio_latency_s: float | None = None  # first caller audio sent -> first agent audio received
@@ -86,6 +87,7 @@ class SimCallSummary:
             "audio_received_s": round(self.audio_received_s, 3),
             "marks_received": self.marks_received,
             "marks_echoed": self.marks_echoed,
+            "marks_pending": self.marks_pending,
             "clears_received": self.clears_received,
             "violations": len(self.violations),
             "first_audio_latency_ms": None
@@ -224,6 +226,7 @@ async def simulate_call(
     called: str = "+15550002222",
     auth_token: str | None = None,
     custom_parameters: Mapping[str, str] | None = None,
+    call_sid: str | None = None,
     dtmf: Sequence[tuple[str, float]] = (),
     inject: Sequence[tuple[float, str | bytes]] = (),
     tail_s: float = 0.5,
@@ -236,10 +239,11 @@ async def simulate_call(
     stream URL is used when `url` is None (and is what gets signed either way, as Twilio signs the URL
     written in the TwiML). `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it
     (a listening caller still sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)]
-    for fault injection; `drop_at_s` cuts the connection at that time without a `stop`.
+    for fault injection; `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that
+    time without a `stop`.
     """
     pcm = read_wav_8k(audio) if isinstance(audio, str | Path) else np.asarray(audio, dtype=np.int16)
-    call_sid = "CA" + secrets.token_hex(16)
+    call_sid = call_sid or "CA" + secrets.token_hex(16)
     summary = SimCallSummary(call_sid=call_sid, stream_sid="MZ" + secrets.token_hex(16))
     params = dict(custom_parameters or {})
     signed_url = url
@@ -346,6 +350,7 @@ class _CallRun:
             if not receiver.done():
                 receiver.cancel()
             await asyncio.gather(receiver, echoes, return_exceptions=True)
+        self.s.marks_pending = len(self.playout.pending)
         self.s.heard = self.playout.ear[: max(self.playout.last_sample, len(self.ulaw))].copy()
         if self.first_audio_at is not None and self.sent_at:
             self.s.first_audio_latency_s = self.first_audio_at - self.sent_at[0]

@@ -3,6 +3,7 @@ and real wav files of test tones."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -59,20 +60,24 @@ class LiveGateway:
     def state(self) -> Any:
         return self.app.state.gateway
 
-    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
+    async def until(self, condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
         """Poll `condition` (gateway state lives in the server thread) for at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if condition():
                 return True
-            time.sleep(0.01)
+            await asyncio.sleep(0.01)
         return condition()
 
 
-def gateway_config(public_url: str, auth_token: str | None = None, **server: Any) -> GatewayConfig:
-    """The example config with this server's public URL (and optionally an auth token) filled in."""
+def gateway_config(
+    public_url: str, auth_token: str | None = None, tables: dict[str, Any] | None = None, **server: Any
+) -> GatewayConfig:
+    """The example config with this server's public URL filled in, optionally an auth token, whole
+    top-level tables replaced (`tables={"agents": ..., "numbers": ...}`) and [server] keys overridden."""
     with EXAMPLE_CONFIG.open("rb") as fh:
         raw = tomllib.load(fh)
+    raw.update(tables or {})
     raw["server"].update(public_url=public_url, **server)
     env = {raw["twilio"]["auth_token_env"]: auth_token} if auth_token else {}
     return parse_config(raw, source=str(EXAMPLE_CONFIG), env=env)
@@ -80,15 +85,18 @@ def gateway_config(public_url: str, auth_token: str | None = None, **server: Any
 
 @pytest.fixture
 def start_gateway() -> Iterator[Callable[..., LiveGateway]]:
-    """Factory: start_gateway(engine, auth_token=None, **server_settings) -> LiveGateway (stopped after)."""
+    """Factory: start_gateway(engine, auth_token=None, tables=None, **server_keys) -> LiveGateway; the
+    arguments after the engine go to `gateway_config`. Servers are stopped at teardown."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(engine: Any, auth_token: str | None = None, **server: Any) -> LiveGateway:
+    def start(
+        engine: Any, auth_token: str | None = None, tables: dict[str, Any] | None = None, **server: Any
+    ) -> LiveGateway:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        app = create_app(gateway_config(base_url, auth_token, **server), engine)
+        app = create_app(gateway_config(base_url, auth_token, tables, **server), engine)
         config = uvicorn.Config(app, log_level="warning", ws_max_size=1 << 20, lifespan="on")
         uv = uvicorn.Server(config)
         thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
