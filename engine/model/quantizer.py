@@ -21,9 +21,9 @@ class Codebook(nn.Module):
         self.register_buffer("_initialized", torch.ones(1))
         self.register_buffer("cluster_usage", torch.ones(bins))
         self.register_buffer("embedding_sum", torch.zeros(bins, dim))
+        # Derived from the two statistics above (zero sum / unit usage -> zero vectors until loaded).
         self.register_buffer("embedding", torch.zeros(bins, dim), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh())
-        self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
