@@ -49,9 +49,6 @@ class LMModel(nn.Module):
             for _ in range(cfg.depformer_num_layers)
         )
         self.linears = nn.ModuleList(nn.Linear(dep_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
-        self.register_buffer(
-            "rope_freqs", rope_frequencies(dim // cfg.num_heads, cfg.max_period), persistent=False
-        )
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +82,9 @@ class LMModel(nn.Module):
     ) -> torch.Tensor:
         """Run the temporal transformer on inputs x [B, T, D] at absolute positions [B, T], appending to kv.
         Rows with active False leave kv unchanged. Returns the normalised hidden state [B, T, D]."""
+        # Built per call, not held as a buffer: Module.to(bfloat16) would round a buffer to bf16, and the
+        # published RoPE uses float32 frequencies (bf16 ones break bit-exactness from position 2 on).
+        freqs = rope_frequencies(self.cfg.dim // self.cfg.num_heads, self.cfg.max_period, x.device)
         index = kv.record_positions(positions, active)
         mask = ring_mask(positions, kv.positions, self.cfg.context)
         if active is not None:  # idle rows may have an empty ring; give them something to attend to
@@ -97,7 +97,7 @@ class LMModel(nn.Module):
                 index=index,
                 positions=positions,
                 mask=mask,
-                freqs=self.rope_freqs,
+                freqs=freqs,
                 active=active,
             )
         return self.out_norm(x)
