@@ -1,8 +1,12 @@
 """The Mimi neural audio codec (24 kHz PCM <-> 8 codebooks at 12.5 Hz), streamed one 80 ms frame per call
-for a batch of independent slots, bit-compatible with the published streaming code in float32."""
+for a batch of independent slots.
+
+On CPU every slot's codes and audio are bit-identical to the published streaming code run on that slot
+alone (same kernels, same reduction order); on GPU the batched kernels are chosen for speed instead."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -70,12 +74,9 @@ class Mimi(nn.Module):
         super().__init__()
         self.cfg = cfg
         seanet = cfg.seanet
-        hop = 1
-        for ratio in seanet.ratios:
-            hop *= ratio
-        encoder_rate = cfg.sample_rate / hop
-        stride = round(encoder_rate / cfg.frame_rate)
-        if stride * cfg.frame_rate * hop != cfg.sample_rate:
+        hop = math.prod(seanet.ratios)  # waveform samples per latent frame out of SEANet (25 Hz)
+        stride = round(cfg.sample_rate / hop / cfg.frame_rate)  # latent frames per code frame
+        if stride < 1 or stride * cfg.frame_rate * hop != cfg.sample_rate:
             raise ValueError(
                 f"mimi config: SEANet hop {hop} at {cfg.sample_rate} Hz does not divide into frames of "
                 f"{cfg.frame_rate} Hz; fix seanet.ratios or frame_rate"
