@@ -33,7 +33,7 @@ from gateway.audio import (  # noqa: E402
     InboundAudio,
     OutboundAudio,
     PolyphaseResampler,
-    audioop,
+    audioop,  # the stdlib module, imported there with its DeprecationWarning silenced
     float_to_pcm16,
 )
 
@@ -74,9 +74,7 @@ def twilio_media_messages(audio_24k: np.ndarray) -> list[str]:
 
 # --- the two pipelines, as a call would run them -----------------------------------------------------
 
-JsonLoads = Callable[[str], dict]
-JsonDumps = Callable[[dict], str]
-JSON_LIBS: dict[str, tuple[JsonLoads, JsonDumps]] = {
+JSON_LIBS: dict[str, tuple[Callable[[str], dict], Callable[[dict], str]]] = {
     "json": (json.loads, lambda m: json.dumps(m, separators=(",", ":"))),
     "orjson": (orjson.loads, lambda m: orjson.dumps(m).decode()),
 }
@@ -118,30 +116,48 @@ class SoxrPipeline:
         return audioop.lin2ulaw(float_to_pcm16(self.down.resample_chunk(frame)), 2)
 
 
-def time_pipeline(
-    pipeline, messages: list[str], frames: list[np.ndarray], loads: JsonLoads, dumps: JsonDumps, cycles: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per 80 ms cycle: ns for 4 inbound media messages, and ns for 1 outbound frame (as media JSON)."""
-    inbound_ns = np.empty(cycles, dtype=np.int64)
-    outbound_ns = np.empty(cycles, dtype=np.int64)
-    clock = time.perf_counter_ns
-    per_frame = FRAME_SAMPLES * CARRIER_RATE // SAMPLE_RATE // MESSAGE_SAMPLES
-    n_frames = len(messages) // per_frame
-    for c in range(cycles):
-        k = c % n_frames
-        batch = messages[k * per_frame : (k + 1) * per_frame]
-        start = clock()
-        for text in batch:
-            message = loads(text)
-            pipeline.decode(base64.b64decode(message["media"]["payload"], validate=True))
-        inbound_ns[c] = clock() - start
-        frame = frames[k]
-        start = clock()
-        payload = pipeline.encode(frame)
+class Call:
+    """One simulated call: a pipeline plus the JSON library its transport would use."""
+
+    def __init__(self, pipeline: OursPipeline | SoxrPipeline, lib: str) -> None:
+        self.pipeline = pipeline
+        self.loads, self.dumps = JSON_LIBS[lib]
+
+    def receive(self, texts: list[str]) -> None:
+        """Twilio media messages in: parse, base64-decode, decode, resample, frame."""
+        for text in texts:
+            message = self.loads(text)
+            self.pipeline.decode(base64.b64decode(message["media"]["payload"], validate=True))
+
+    def send(self, frame: np.ndarray) -> None:
+        """One model frame out: resample, encode, base64, outbound media message."""
+        payload = self.pipeline.encode(frame)
         if payload:  # a resampler that withholds output sends nothing this cycle
             b64 = base64.b64encode(payload).decode("ascii")
-            dumps({"event": "media", "streamSid": STREAM_SID, "media": {"payload": b64}})
-        outbound_ns[c] = clock() - start
+            self.dumps({"event": "media", "streamSid": STREAM_SID, "media": {"payload": b64}})
+
+
+def time_calls(
+    calls: list[Call], messages: list[str], frames: list[np.ndarray], cycles: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """ns per 80 ms cycle (4 inbound messages; 1 outbound frame), shape [call, cycle].
+
+    The calls take turns within each cycle, so load from other processes falls on all rows alike.
+    """
+    inbound_ns = np.empty((len(calls), cycles), dtype=np.int64)
+    outbound_ns = np.empty((len(calls), cycles), dtype=np.int64)
+    clock = time.perf_counter_ns
+    per_frame = FRAME_SAMPLES * CARRIER_RATE // SAMPLE_RATE // MESSAGE_SAMPLES
+    for c in range(cycles):
+        k = c % min(len(frames), len(messages) // per_frame)
+        batch = messages[k * per_frame : (k + 1) * per_frame]
+        for i, call in enumerate(calls):
+            start = clock()
+            call.receive(batch)
+            inbound_ns[i, c] = clock() - start
+            start = clock()
+            call.send(frames[k])
+            outbound_ns[i, c] = clock() - start
     return inbound_ns, outbound_ns
 
 
@@ -149,7 +165,7 @@ def cost_table(cycles: int) -> list[str]:
     audio = caller_audio_24k()
     messages = twilio_media_messages(audio)
     frames = [audio[i : i + FRAME_SAMPLES] for i in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES)]
-    per_20ms = FRAME_SAMPLES / (SAMPLE_RATE * 0.02)  # 4
+    per_20ms = FRAME_SAMPLES / (SAMPLE_RATE * 0.02)  # 4 Twilio messages per model frame
     rows = [
         ("ours", OursPipeline, "", "orjson"),
         ("ours", OursPipeline, "", "json"),
@@ -157,18 +173,18 @@ def cost_table(cycles: int) -> list[str]:
         ("soxr VHQ", SoxrPipeline, "VHQ", "json"),
         ("soxr HQ", SoxrPipeline, "HQ", "orjson"),
     ]
+    time_calls([Call(kind(q), lib) for _, kind, q, lib in rows], messages, frames, 200)  # warm-up
+    inbound, outbound = time_calls([Call(kind(q), lib) for _, kind, q, lib in rows], messages, frames, cycles)
+    inbound, outbound = inbound / per_20ms / 1e3, outbound / per_20ms / 1e3  # us per 20 ms
     lines = [
         f"{'resampler':10s} {'json':7s} {'in median':>10s} {'out median':>11s} {'both median':>12s}"
         f" {'in mean':>8s} {'out mean':>9s}   (us per call per 20 ms of audio)"
     ]
-    for name, kind, quality, lib in rows:
-        loads, dumps = JSON_LIBS[lib]
-        time_pipeline(kind(quality), messages, frames, loads, dumps, min(cycles, 200))  # warm-up
-        inbound, outbound = time_pipeline(kind(quality), messages, frames, loads, dumps, cycles)
-        med_in, med_out = np.median(inbound) / per_20ms / 1e3, np.median(outbound) / per_20ms / 1e3
+    for (name, _, _, lib), t_in, t_out in zip(rows, inbound, outbound, strict=True):
+        med_in, med_out = np.median(t_in), np.median(t_out)
         lines.append(
             f"{name:10s} {lib:7s} {med_in:10.2f} {med_out:11.2f} {med_in + med_out:12.2f}"
-            f" {inbound.mean() / per_20ms / 1e3:8.2f} {outbound.mean() / per_20ms / 1e3:9.2f}"
+            f" {t_in.mean():8.2f} {t_out.mean():9.2f}"
         )
     return lines
 

@@ -40,7 +40,7 @@ _BLOCK_S = 0.005  # resampler work unit: 5 ms of input is a whole number of samp
 # --- mu-law and PCM conversions ----------------------------------------------------------------------
 
 
-def mulaw_decode(data: bytes) -> np.ndarray:
+def mulaw_decode(data: bytes | bytearray) -> np.ndarray:
     """G.711 mu-law bytes -> int16 samples, exactly as `audioop.ulaw2lin`."""
     return np.frombuffer(audioop.ulaw2lin(data, 2), dtype=np.int16)
 
@@ -102,7 +102,8 @@ def _kaiser_beta(atten_db: float) -> float:
 
 
 _LOWPASS = {
-    # (low rate, high rate) -> taps at the high rate; delay a multiple of both rate ratios
+    # (carrier rate, design rate = lcm with 24 kHz) -> taps at the design rate; the group delay is a whole
+    # number of samples at both the carrier rate and 24 kHz
     (8000, 24000): design_lowpass(24000, *_NARROWBAND, STOPBAND_DB, delay_multiple=3),
     (16000, 48000): design_lowpass(48000, *_WIDEBAND, STOPBAND_DB, delay_multiple=6),
 }
@@ -240,48 +241,41 @@ class InboundAudio:
     def __init__(self, encoding: str = "mulaw", rate: int = 8000) -> None:
         _check_format(encoding, rate)
         self.encoding, self.rate = encoding, rate
-        self._frame_in = FRAME_SAMPLES * rate // SAMPLE_RATE  # carrier samples per model frame
-        self._pending = np.empty(self._frame_in, dtype=np.float32)  # int16-valued carrier samples
-        self._filled = 0
-        self._odd_byte = b""  # L16: first byte of a sample split across two payloads
-        # Frames are resampled whole: each output sample still appears only once the frame that holds it
-        # is complete, which is when the frame could be emitted anyway, and it costs one product per frame.
+        self._sample_bytes = 1 if encoding == "mulaw" else 2
+        self._frame_bytes = FRAME_SAMPLES * rate // SAMPLE_RATE * self._sample_bytes
+        # Payload bytes wait here until they make a whole frame (an L16 sample split across payloads
+        # included), so a 20 ms message costs only an append. Each frame is then decoded and resampled
+        # whole: a resampled sample could not leave before its frame is complete anyway.
+        self._pending = bytearray()
         self._resampler = PolyphaseResampler(rate, SAMPLE_RATE, gain=1.0 / _INT16_SCALE)
 
     @property
     def buffered_ms(self) -> float:
-        """Audio received but not yet part of a complete frame."""
-        return 1000.0 * self._filled / self.rate
+        """Audio received but not yet part of a complete frame (whole samples)."""
+        return 1000.0 * (len(self._pending) // self._sample_bytes) / self.rate
 
     def reset(self) -> None:
         """Forget buffered samples and filter history."""
-        self._filled = 0
-        self._odd_byte = b""
+        self._pending.clear()
         self._resampler.reset()
 
     def push(self, payload: bytes) -> list[np.ndarray]:
         """Add one carrier payload; returns the [1920] float32 frames it completed (often none)."""
-        samples = self._decode(payload)
+        self._pending += payload
+        if len(self._pending) < self._frame_bytes:
+            return []
         frames = []
-        pos, total = 0, len(samples)
-        while pos < total:
-            take = min(self._frame_in - self._filled, total - pos)
-            self._pending[self._filled : self._filled + take] = samples[pos : pos + take]
-            self._filled += take
-            pos += take
-            if self._filled == self._frame_in:
-                frames.append(self._resampler.process(self._pending))
-                self._filled = 0
+        size = self._frame_bytes
+        complete = len(self._pending) // size * size
+        for start in range(0, complete, size):
+            frames.append(self._resampler.process(self._decode(self._pending[start : start + size])))
+        del self._pending[:complete]
         return frames
 
-    def _decode(self, payload: bytes) -> np.ndarray:
+    def _decode(self, frame: bytes | bytearray) -> np.ndarray:
         if self.encoding == "mulaw":
-            return mulaw_decode(payload)
-        if self._odd_byte:
-            payload = self._odd_byte + payload
-        whole = len(payload) & ~1
-        self._odd_byte = bytes(payload[whole:])
-        return np.frombuffer(payload, dtype="<i2", count=whole // 2)
+            return mulaw_decode(frame)
+        return np.frombuffer(frame, dtype="<i2")
 
 
 class OutboundAudio:
