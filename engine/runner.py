@@ -28,6 +28,20 @@ AGENT_CODEBOOKS = 8
 
 
 @dataclass
+class VoicePrefix:
+    """KV of the voice-only prompt positions (voice + first silence), shared by sessions of one voice."""
+
+    keys: torch.Tensor  # [layers, heads, positions, head_dim]
+    values: torch.Tensor
+
+
+@dataclass
+class Prefill:
+    first_pcm: torch.Tensor  # float32 [1920]: audio of the last prompt frame (the reference's first output)
+    prefix: VoicePrefix | None  # to cache for the next session with this voice
+
+
+@dataclass
 class StepResult:
     pcm: torch.Tensor  # float32 [B, 1920] agent audio of the emitted frame
     tokens: torch.Tensor  # int64 [B, 17] frame tokens: text, agent cb0..7, user cb0..7
@@ -41,7 +55,7 @@ class BatchRunner:
         self.mimi_state = mimi.init_state(capacity, device)
         long = dict(dtype=torch.long, device=device)
         self.next_position = torch.zeros(capacity, **long)
-        # Agent side of the next input position: text, agent cb0, agent cb1..7 (delayed, i.e. previous frame's).
+        # Agent side of the next input position: text, agent cb0, agent cb1..7 (the previous frame's).
         self.pending = torch.zeros(capacity, 2 + AGENT_CODEBOOKS - 1, **long)
         self.user_delayed = torch.zeros(capacity, AGENT_CODEBOOKS - 1, **long)
         self.forced_text = torch.full((capacity,), -1, **long)
@@ -61,25 +75,43 @@ class BatchRunner:
             params.seed[slot] = seed & 0x7FFFFFFFFFFFFFFF
         self.forced_text[slot] = -1
 
-    def prefill(self, slot: int, plan: PromptPlan, one_pass: bool = True) -> None:
-        """Reset `slot` and prime it with the prompt, ready for its first live frame."""
+    @torch.inference_mode()
+    def prefill(
+        self, slot: int, plan: PromptPlan, prefix: VoicePrefix | None = None, one_pass: bool = True
+    ) -> Prefill:
+        """Reset `slot` and prime it with the prompt, ready for its first live frame.
+
+        `prefix` is the KV state of the plan's voice-only positions from an earlier session with the same
+        voice; those positions are then copied instead of recomputed. The result carries that prefix (to
+        cache) and the audio of the last prompt frame, which the reference emits as its first output.
+        """
         self.reset(slot)
         lm, device = self.lm, self.lm.device
         kv = self.kv.rows(slot, slot + 1)
         inputs = lm.embed(plan.tokens.to(device)[None])
         if plan.embeddings is not None:
             inputs = torch.cat([plan.embeddings.to(device, lm.dtype)[None], inputs], dim=1)
-        length = plan.length
+        length, cached = plan.length, plan.voice_positions
         positions = torch.arange(length, device=device)[None]
-        if one_pass and length <= lm.cfg.context:
-            z = lm.temporal(inputs, positions, kv)[:, -1]
-        else:  # a prompt longer than the ring must see the ring wrap position by position
+        if not one_pass or length > lm.cfg.context:
+            # A prompt longer than the ring must see the ring wrap, position by position.
             for p in range(length):
                 z = lm.temporal(inputs[:, p : p + 1], positions[:, p : p + 1], kv)[:, -1]
-        self._finish_prompt(slot, z, plan)
+            prefix = None
+        else:
+            if prefix is None:
+                lm.temporal(inputs[:, :cached], positions[:, :cached], kv)
+                prefix = VoicePrefix(kv.keys[:, 0, :, :cached].clone(), kv.values[:, 0, :, :cached].clone())
+            else:
+                kv.keys[:, 0, :, :cached] = prefix.keys
+                kv.values[:, 0, :, :cached] = prefix.values
+                kv.positions[0, :cached] = positions[0, :cached]
+            z = lm.temporal(inputs[:, cached:], positions[:, cached:], kv)[:, -1]
+        return Prefill(self._finish_prompt(slot, z, plan), prefix)
 
-    def _finish_prompt(self, slot: int, z: torch.Tensor, plan: PromptPlan) -> None:
-        """Sample the first live position's text and agent cb0 from the last prompt position."""
+    def _finish_prompt(self, slot: int, z: torch.Tensor, plan: PromptPlan) -> torch.Tensor:
+        """Sample the first live position's text and agent cb0 from the last prompt position; decode the
+        last prompt frame so Mimi's decoder state matches the reference. Returns that frame's audio."""
         rows = slice(slot, slot + 1)
         position = torch.full((1,), plan.length, dtype=torch.long, device=z.device)
         text_params, audio_params = _rows(self.text_params, rows), _rows(self.audio_params, rows)
@@ -89,10 +121,8 @@ class BatchRunner:
         self.pending[slot, 2:] = plan.next_agent_delayed.to(z.device)
         self.user_delayed[slot] = plan.next_user_delayed.to(z.device)
         self.next_position[slot] = plan.length
-        # The reference's first live output is the last prompt frame; decode it so Mimi's state matches.
-        active = self._only(slot)
         codes = torch.tensor(SILENCE_TOKENS, device=z.device).expand(self.capacity, -1)
-        self.mimi.decode_step(codes, self.mimi_state, active)
+        return self.mimi.decode_step(codes, self.mimi_state, self._only(slot))[slot].clone()
 
     def reset(self, slot: int) -> None:
         mask = self._only(slot)

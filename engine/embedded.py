@@ -1,0 +1,100 @@
+"""The engine inside the gateway process: pick the device, load (or create) a checkpoint, size the slots.
+
+With no checkpoint configured, a random tiny checkpoint is written once under the duplexgate home
+directory and served with a loud notice that its audio is noise, so the whole pipeline can be tried on
+any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from engine.checkpoint import NOISE_NOTICE, load_models, write_random_checkpoint
+from engine.loading import (
+    DEFAULT_HF_REPO,
+    CheckpointError,
+    CheckpointFiles,
+    load_text_tokenizer,
+    resolve_checkpoint,
+)
+from engine.runner import BatchRunner
+from engine.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+CPU_SLOTS = 8
+MAX_SLOTS = 64
+GPU_RESERVE_BYTES = 4 << 30  # CUDA context, cuBLAS workspace, graphs and activations
+
+
+class EngineSettings(Protocol):
+    checkpoint: str  # local directory, hub repo id, or "" for the random demo model
+    device: str  # "cuda", "cuda:1", "cpu", or "" to pick
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("DUPLEXGATE_HOME", Path.home() / ".cache" / "duplexgate"))
+
+
+def pick_device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def create_default_engine(settings: EngineSettings) -> EngineWorker:
+    device = pick_device(settings.device)
+    notice = None
+    if settings.checkpoint:
+        source = settings.checkpoint
+        if Path(source).expanduser().is_dir():
+            files = resolve_checkpoint(Path(source).expanduser())
+        elif "/" in source and not source.startswith((".", "/", "~")):
+            files = resolve_checkpoint(None, hf_repo=source)
+        else:
+            raise CheckpointError(
+                f"[engine] checkpoint = '{source}' is neither a directory nor a hub repo id like {DEFAULT_HF_REPO}"
+            )
+    else:
+        directory = home_dir() / "random-tiny"
+        if not (directory / "duplexgate_config.json").is_file():
+            write_random_checkpoint(directory)
+        files = resolve_checkpoint(directory)
+        notice = NOISE_NOTICE
+        banner = "!" * 100
+        log.warning("%s\n%s\n(set [engine] checkpoint in the config)\n%s", banner, notice.upper(), banner)
+    return build_engine(files, device, notice=notice)
+
+
+def build_engine(
+    files: CheckpointFiles, device: torch.device, capacity: int | None = None, notice: str | None = None
+) -> EngineWorker:
+    cfg = files.model_config()
+    tokenizer = load_text_tokenizer(files.tokenizer)
+    if tokenizer.get_piece_size() != cfg.lm.text_card:
+        raise CheckpointError(
+            f"text tokenizer {files.tokenizer} has {tokenizer.get_piece_size()} pieces but the LM expects "
+            f"{cfg.lm.text_card}: the tokenizer and weights come from different checkpoints"
+        )
+    lm, mimi = load_models(files, cfg, device)
+    capacity = capacity or slot_count(device, lm)
+    runner = BatchRunner(lm, mimi, capacity)
+    log.info("engine on %s: %d slots (context %d steps)", device, capacity, cfg.lm.context)
+    return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice)
+
+
+def slot_count(device: torch.device, lm: torch.nn.Module) -> int:
+    """Slots whose KV rings fit in the free accelerator memory (all allocated up front)."""
+    if device.type != "cuda":
+        return CPU_SLOTS
+    cfg = lm.cfg
+    per_slot = 2 * cfg.num_layers * cfg.context * cfg.dim * 2  # keys + values, bf16
+    free, _total = torch.cuda.mem_get_info(device)
+    slots = max(1, min(MAX_SLOTS, (free - GPU_RESERVE_BYTES) // per_slot))
+    log.info("free GPU memory %.1f GiB, %.2f GiB per slot", free / 2**30, per_slot / 2**30)
+    return int(slots)

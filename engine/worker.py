@@ -1,0 +1,274 @@
+"""The engine worker: admits sessions into batch slots, primes them, and runs the step loop.
+
+Every session that has a caller frame waiting joins the next step (continuous batching with an execution
+mask), so a frame waits at most one step. Model work runs on one dedicated thread, serialised, so the
+asyncio loop that talks to the gateway never blocks on the GPU/CPU. A new session is admitted only while
+there is a free slot and the measured step time leaves room inside the 80 ms real-time budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+
+from engine.api import FRAME_SAMPLES, AgentFrame, EngineBusy, EngineError, SessionClosed, SessionSpec
+from engine.loading import encode_role_prompt
+from engine.prompt import TEXT_PAD, PromptPlan, plan_from_codes, plan_from_embeddings
+from engine.runner import BatchRunner, VoicePrefix
+from engine.voices import VoiceAudio, VoiceEmbeddings, load_voice
+
+log = logging.getLogger(__name__)
+
+FRAME_BUDGET_S = FRAME_SAMPLES / 24_000  # 80 ms: a step must finish within one frame of audio
+SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
+MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped
+
+
+@dataclass
+class WorkerStats:
+    capacity: int
+    active: int = 0
+    steps: int = 0
+    last_step_s: float = 0.0
+    recent_step_s: float = 0.0  # max over the recent window: what admission decides on
+    dropped_frames: int = 0
+    window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50), repr=False)
+
+    def record(self, seconds: float) -> None:
+        self.steps += 1
+        self.last_step_s = seconds
+        self.window.append(seconds)
+        self.recent_step_s = max(self.window)
+
+
+@dataclass
+class _Voice:
+    """A loaded voice prompt and, once a session has used it, the KV of its voice-only positions."""
+
+    source: VoiceEmbeddings | torch.Tensor  # stored embeddings, or Mimi codes [V, 8] of the audio
+    prefix: VoicePrefix | None = None
+
+    def plan(self, text_ids: list[int], worker: EngineWorker) -> PromptPlan:
+        if isinstance(self.source, VoiceEmbeddings):
+            return plan_from_embeddings(self.source.embeddings, self.source.cache, text_ids)
+        return plan_from_codes(self.source, text_ids, worker.runner.lm.cfg)
+
+
+class WorkerSession:
+    """One primed conversation in one slot (implements engine.api.EngineSession)."""
+
+    def __init__(self, worker: EngineWorker, slot: int, seed: int, spec: SessionSpec) -> None:
+        self.id = f"s{next(_session_ids)}"
+        self.seed, self.slot, self.spec = seed, slot, spec
+        self.prompt_positions = 0
+        self._worker = worker
+        self._inbox: collections.deque[np.ndarray] = collections.deque()
+        self._outbox: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
+        self._frames_out = 0
+        self.closed = False
+        self.close_reason: str | None = None
+
+    def push(self, pcm: np.ndarray) -> None:
+        if self.closed:
+            raise SessionClosed(f"session {self.id} is closed ({self.close_reason})")
+        frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if frame.shape[0] != FRAME_SAMPLES:
+            raise ValueError(f"session {self.id}: a frame is {FRAME_SAMPLES} samples, got {frame.shape[0]}")
+        if len(self._inbox) >= MAX_QUEUED_FRAMES:
+            self._inbox.popleft()
+            self._worker.stats.dropped_frames += 1
+        self._inbox.append(frame)
+        self._worker._wake.set()
+
+    async def frames(self) -> AsyncIterator[AgentFrame]:
+        while True:
+            frame = await self._outbox.get()
+            if frame is None:
+                if self.close_reason == "engine_lost":
+                    raise SessionClosed(f"session {self.id}: the engine lost this session")
+                return
+            yield frame
+
+    async def close(self) -> None:
+        self._finish("closed")
+
+    def _deliver(self, pcm: np.ndarray, token: int) -> None:
+        text = "" if token in SILENT_TEXT_IDS else self._worker.piece(token)
+        self._outbox.put_nowait(AgentFrame(self._frames_out, pcm, text, token))
+        self._frames_out += 1
+
+    def _finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed, self.close_reason = True, reason
+        self._inbox.clear()
+        self._outbox.put_nowait(None)
+        self._worker._release(self)
+
+
+_session_ids = itertools.count(1)
+
+
+class EngineWorker:
+    """Serves many sessions from one model (implements engine.api.Engine)."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        tokenizer: sentencepiece.SentencePieceProcessor,
+        voices_dir: Path | None,
+        *,
+        notice: str | None = None,
+        admit_fraction: float = 0.8,
+        max_cached_voices: int = 16,
+    ) -> None:
+        self.runner, self.tokenizer, self.voices_dir = runner, tokenizer, voices_dir
+        self.notice = notice
+        self.admit_fraction = admit_fraction
+        self.stats = WorkerStats(capacity=runner.capacity)
+        self._free = list(range(runner.capacity - 1, -1, -1))
+        self._sessions: dict[int, WorkerSession] = {}
+        self._voices: collections.OrderedDict[str, _Voice] = collections.OrderedDict()
+        self._max_voices = max_cached_voices
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplexgate-engine")
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._closing = False
+
+    # ---- Engine API -----------------------------------------------------------------------------------
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        return len(encode_role_prompt(self.tokenizer, prompt))
+
+    async def open(self, spec: SessionSpec) -> WorkerSession:
+        if self._closing:
+            raise EngineError("the engine is shutting down")
+        self._ensure_loop()
+        if not self._free:
+            raise EngineBusy(f"all {self.runner.capacity} engine slots are in use")
+        if self.stats.recent_step_s > FRAME_BUDGET_S * self.admit_fraction:
+            raise EngineBusy(
+                f"engine steps take {self.stats.recent_step_s * 1000:.0f} ms, too close to the "
+                f"{FRAME_BUDGET_S * 1000:.0f} ms real-time budget to admit another call"
+            )
+        text_ids = encode_role_prompt(self.tokenizer, spec.prompt)
+        slot = self._free.pop()
+        seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+        session = WorkerSession(self, slot, seed, spec)
+        try:
+            await self._run_on_model_thread(self._prime, session, text_ids)
+        except Exception:
+            self._free.append(slot)
+            raise
+        self._sessions[slot] = session
+        self.stats.active = len(self._sessions)
+        return session
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for session in list(self._sessions.values()):
+            session._finish("engine_closed")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
+
+    # ---- model thread ---------------------------------------------------------------------------------
+
+    def _prime(self, session: WorkerSession, text_ids: list[int]) -> None:
+        voice = self._voice(session.spec.voice)
+        plan = voice.plan(text_ids, self)
+        context = self.runner.lm.cfg.context
+        if plan.length >= context:
+            raise EngineError(
+                f"the prompt takes {plan.length} model steps but the model sees only {context}: shorten the "
+                f"role prompt ({len(text_ids)} tokens) or use a shorter voice prompt"
+            )
+        self.runner.configure(session.slot, session.spec.sampling, session.seed)
+        prefill = self.runner.prefill(session.slot, plan, voice.prefix)
+        if voice.prefix is None:
+            voice.prefix = prefill.prefix
+        session.prompt_positions = plan.length
+
+    def _voice(self, name: str) -> _Voice:
+        if name in self._voices:
+            self._voices.move_to_end(name)
+            return self._voices[name]
+        loaded = load_voice(name, self.voices_dir, model_dim=self.runner.lm.cfg.dim)
+        if isinstance(loaded, VoiceAudio):
+            pcm = torch.from_numpy(loaded.pcm).to(self.runner.lm.device)[None]
+            with torch.inference_mode():
+                source: VoiceEmbeddings | torch.Tensor = self.runner.mimi.encode(pcm)[0].T.cpu()
+        else:
+            source = loaded
+        voice = self._voices[name] = _Voice(source)
+        while len(self._voices) > self._max_voices:
+            self._voices.popitem(last=False)
+        return voice
+
+    def _step(self, pcm: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        device = self.runner.lm.device
+        started = time.perf_counter()
+        result = self.runner.step(torch.from_numpy(pcm).to(device), torch.from_numpy(active).to(device))
+        out_pcm, text = result.pcm.cpu().numpy(), result.tokens[:, 0].cpu().numpy()
+        self.stats.record(time.perf_counter() - started)
+        return out_pcm, text
+
+    async def _run_on_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- the step loop --------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="engine-steps")
+
+    async def _step_loop(self) -> None:
+        capacity = self.runner.capacity
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ready = [s for s in self._sessions.values() if s._inbox]
+            if not ready:
+                continue
+            pcm = np.zeros((capacity, FRAME_SAMPLES), dtype=np.float32)
+            active = np.zeros(capacity, dtype=bool)
+            for session in ready:
+                pcm[session.slot] = session._inbox.popleft()
+                active[session.slot] = True
+            try:
+                out_pcm, text = await self._run_on_model_thread(self._step, pcm, active)
+            except Exception:
+                log.exception("engine step failed; ending the %d sessions in it", len(ready))
+                for session in ready:
+                    session._finish("engine_lost")
+                continue
+            for session in ready:
+                if not session.closed:
+                    session._deliver(out_pcm[session.slot], int(text[session.slot]))
+            if any(s._inbox for s in self._sessions.values()):
+                self._wake.set()
+
+    def _release(self, session: WorkerSession) -> None:
+        if self._sessions.get(session.slot) is session:
+            del self._sessions[session.slot]
+            self._free.append(session.slot)  # the next prefill resets the slot on the model thread
+            self.stats.active = len(self._sessions)
