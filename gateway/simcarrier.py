@@ -205,6 +205,13 @@ class _Playout:
         self.ear[first:last] = pcm
         self.last_sample = max(self.last_sample, last)
 
+    def recording(self, until: float) -> np.ndarray:
+        """What the ear heard from the origin up to `until` (silence where nothing played)."""
+        n = max(0, int(round((until - self.origin) * RATE)))
+        if n > len(self.ear):
+            return np.concatenate([self.ear, np.zeros(n - len(self.ear), np.int16)])
+        return self.ear[:n].copy()
+
     def clear(self, now: float) -> list[str]:
         """Drop unplayed audio; returns the pending marks, all of which are echoed at once."""
         cut = int(round((now - self.origin) * RATE))
@@ -316,6 +323,7 @@ class _CallRun:
         self.loop = asyncio.get_running_loop()
         self.playout: _Playout | None = None
         self.gone = asyncio.Event()
+        self.ended_at: float | None = None  # when the call ended for the caller
 
     async def send_event(self, message: dict[str, Any]) -> None:
         async with self.lock:  # sequence numbers must go out in order
@@ -351,7 +359,9 @@ class _CallRun:
                 receiver.cancel()
             await asyncio.gather(receiver, echoes, return_exceptions=True)
         self.s.marks_pending = len(self.playout.pending)
-        self.s.heard = self.playout.ear[: max(self.playout.last_sample, len(self.ulaw))].copy()
+        # The caller hears nothing after the call ended, whichever side ended it.
+        ended_at = self.ended_at if self.ended_at is not None else self.loop.time()
+        self.s.heard = self.playout.recording(until=ended_at)
         if self.first_audio_at is not None and self.sent_at:
             self.s.first_audio_latency_s = self.first_audio_at - self.sent_at[0]
 
@@ -361,11 +371,12 @@ class _CallRun:
         chunks = len(self.ulaw) // CHUNK
         try:
             for n in range(chunks):
-                due = origin + n * CHUNK_S
+                due = origin + (n + 1) * CHUNK_S  # a chunk goes out once its 20 ms have been captured
                 while schedule and schedule[0][0] <= n * CHUNK_S:
                     await self._scheduled(*schedule.popleft())
                 if self.drop_at_s is not None and n * CHUNK_S >= self.drop_at_s:
                     self.s.closed_by = "carrier"
+                    self.ended_at = self.loop.time()
                     self.ws.transport.abort()  # the carrier vanishes: no stop, no close handshake
                     return
                 delay = due - self.loop.time()
@@ -387,6 +398,7 @@ class _CallRun:
                 await self.send_event({"event": "media", "media": media, "streamSid": self.s.stream_sid})
                 self.s.media_sent += 1
             self.s.closed_by = "carrier"
+            self.ended_at = origin + chunks * CHUNK_S  # the caller hangs up as its audio ends
             await self.send_event(
                 {
                     "event": "stop",
@@ -441,6 +453,8 @@ class _CallRun:
         if not self.s.closed_by:
             self.s.closed_by = "gateway"
         self.s.close_code = self.ws.close_code
+        if self.ended_at is None:
+            self.ended_at = self.loop.time()
         self.gone.set()
 
     def _on_media(self, now: float, ulaw: bytes) -> None:
