@@ -22,7 +22,15 @@ from engine.api import Sampling
 from engine.model.lm import LMModel
 from engine.model.mimi import Mimi
 from engine.model.sampling import SamplingParams
-from engine.prompt import SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD, PromptPlan
+from engine.prompt import (
+    SILENCE_TOKENS,
+    SINE_TOKENS,
+    TEXT_PAD,
+    PromptPlan,
+    plan_from_codes,
+    plan_from_embeddings,
+)
+from engine.voices import VoiceAudio, VoiceEmbeddings
 
 AGENT_CODEBOOKS = 8
 
@@ -123,6 +131,20 @@ class BatchRunner:
         self.next_position[slot] = plan.length
         codes = torch.tensor(SILENCE_TOKENS, device=z.device).expand(self.capacity, -1)
         return self.mimi.decode_step(codes, self.mimi_state, self._only(slot))[slot].clone()
+
+    @torch.inference_mode()
+    def voice_source(self, voice: VoiceEmbeddings | VoiceAudio) -> VoiceEmbeddings | torch.Tensor:
+        """What a prompt plan needs from a voice: stored embeddings as they are, audio as Mimi codes [V, 8]
+        (encoded from a fresh codec state, as the reference encodes the voice after a reset)."""
+        if isinstance(voice, VoiceEmbeddings):
+            return voice
+        pcm = torch.from_numpy(voice.pcm).to(self.lm.device)[None]
+        return self.mimi.encode(pcm)[0].T.cpu()
+
+    def plan(self, source: VoiceEmbeddings | torch.Tensor, text_ids: list[int]) -> PromptPlan:
+        if isinstance(source, VoiceEmbeddings):
+            return plan_from_embeddings(source.embeddings, source.cache, text_ids)
+        return plan_from_codes(source, text_ids, self.lm.cfg)
 
     def reset(self, slot: int) -> None:
         mask = self._only(slot)

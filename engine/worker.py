@@ -25,9 +25,9 @@ import torch
 
 from engine.api import FRAME_SAMPLES, AgentFrame, EngineBusy, EngineError, SessionClosed, SessionSpec
 from engine.loading import encode_role_prompt
-from engine.prompt import TEXT_PAD, PromptPlan, plan_from_codes, plan_from_embeddings
+from engine.prompt import TEXT_PAD
 from engine.runner import BatchRunner, VoicePrefix
-from engine.voices import VoiceAudio, VoiceEmbeddings, load_voice
+from engine.voices import VoiceEmbeddings, load_voice
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ class _Voice:
 
     source: VoiceEmbeddings | torch.Tensor  # stored embeddings, or Mimi codes [V, 8] of the audio
     prefix: VoicePrefix | None = None
-
-    def plan(self, text_ids: list[int], worker: EngineWorker) -> PromptPlan:
-        if isinstance(self.source, VoiceEmbeddings):
-            return plan_from_embeddings(self.source.embeddings, self.source.cache, text_ids)
-        return plan_from_codes(self.source, text_ids, worker.runner.lm.cfg)
 
 
 class WorkerSession:
@@ -195,7 +190,7 @@ class EngineWorker:
 
     def _prime(self, session: WorkerSession, text_ids: list[int]) -> None:
         voice = self._voice(session.spec.voice)
-        plan = voice.plan(text_ids, self)
+        plan = self.runner.plan(voice.source, text_ids)
         context = self.runner.lm.cfg.context
         if plan.length >= context:
             raise EngineError(
@@ -213,13 +208,7 @@ class EngineWorker:
             self._voices.move_to_end(name)
             return self._voices[name]
         loaded = load_voice(name, self.voices_dir, model_dim=self.runner.lm.cfg.dim)
-        if isinstance(loaded, VoiceAudio):
-            pcm = torch.from_numpy(loaded.pcm).to(self.runner.lm.device)[None]
-            with torch.inference_mode():
-                source: VoiceEmbeddings | torch.Tensor = self.runner.mimi.encode(pcm)[0].T.cpu()
-        else:
-            source = loaded
-        voice = self._voices[name] = _Voice(source)
+        voice = self._voices[name] = _Voice(self.runner.voice_source(loaded))
         while len(self._voices) > self._max_voices:
             self._voices.popitem(last=False)
         return voice
