@@ -127,7 +127,8 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
 _TOKENIZER_TEXT = """\
 You work for CitySan Services which is a waste management company and your name is Ayelen Lucero.
 You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way.
-<system> You enjoy having a good conversation. <system> Information: the pickup is on Monday at 9 AM and costs $89.
+<system> You enjoy having a good conversation. <system>
+Information: the pickup is on Monday at 9 AM and costs $89.
 Hello, thank you for calling. How can I help you today? Let me check that for you. One moment please.
 Your appointment is confirmed for Tuesday afternoon. Is there anything else I can help you with?
 """

@@ -58,7 +58,8 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
             files = resolve_checkpoint(None, hf_repo=source)
         else:
             raise CheckpointError(
-                f"[engine] checkpoint = '{source}' is neither a directory nor a hub repo id like {DEFAULT_HF_REPO}"
+                f"[engine] checkpoint = '{source}' is neither a directory nor a hub repo id "
+                f"like {DEFAULT_HF_REPO}"
             )
     else:
         directory = home_dir() / "random-tiny"
