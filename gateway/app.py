@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketState
 
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.call import CallNotice, CallSession, NoticeHook
@@ -85,8 +86,11 @@ class PreparedCalls:
         call = self._by_call.get(call_id)
         if call is not None and call.token == token:
             del self._by_call[call_id]
-            log.warning("call %s: no media stream within %.0f s of the voice webhook; engine session freed",
-                        call_id, self.ttl_s)  # fmt: skip
+            log.warning(
+                "call %s: no media stream within %.0f s of the voice webhook; engine session freed",
+                call_id,
+                self.ttl_s,
+            )
             _discard(call)
 
 
@@ -216,8 +220,8 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         async with asyncio.timeout(gateway.config.server.stream_start_timeout_s):
             started = await _wait_for_start(websocket, dialect, peer)
     except TimeoutError:
-        log.warning("%s stream from %s: no start within %.1f s; closed", dialect.name, peer,
-                    gateway.config.server.stream_start_timeout_s)  # fmt: skip
+        timeout_s = gateway.config.server.stream_start_timeout_s
+        log.warning("%s stream from %s: no start within %.1f s; closed", dialect.name, peer, timeout_s)
         await _close(websocket, POLICY_VIOLATION)
         return
     if started is None:  # the carrier went away before starting
@@ -250,7 +254,13 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         else:
             await websocket.send_text(dialect.render(command, stream_id))  # type: ignore[arg-type]
 
-    call = CallSession(started, engine_session, send, on_notice=gateway.notice)
+    call = CallSession(
+        started,
+        engine_session,
+        send,
+        max_ahead_s=gateway.config.server.carrier_buffer_s,
+        on_notice=gateway.notice,
+    )
     if call_id in gateway.calls:
         log.warning("call %s: a second media stream replaces the first", call_id)
         await gateway.calls[call_id].end("replaced_by_new_stream")
@@ -262,6 +272,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         await call.end("carrier_disconnected", notify_carrier=False)
         if gateway.calls.get(call_id) is call:
             del gateway.calls[call_id]
+        await _close(websocket, 1000, call.end_reason or "")
 
 
 async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: str) -> CallStarted | None:
@@ -311,8 +322,10 @@ async def _receive(websocket: WebSocket) -> str | bytes | None:
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
+    if WebSocketState.DISCONNECTED in (websocket.application_state, websocket.client_state):
+        return  # closed already, by us or by the peer
     try:
         # A close reason is capped at 123 bytes of UTF-8.
         await websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))
-    except RuntimeError:
-        pass  # already closed
+    except (RuntimeError, OSError):
+        pass  # the peer went away meanwhile

@@ -154,15 +154,16 @@ class CallSession:
 
     async def handle(self, event: CallEvent) -> None:
         """Apply one inbound event; an event that makes no sense now is logged and dropped."""
-        if isinstance(event, MarkPlayed):  # echoes keep coming after a clear at the end; count them
+        if isinstance(event, CallerAudio):  # 50 a second: first
+            if not self.ended:
+                try:
+                    self._on_caller_audio(event.payload)
+                except ValueError as exc:  # a payload the decoder cannot take: drop it, keep the call
+                    log.warning("call %s: dropped caller audio (%s)", self.call_id, exc)
+        elif isinstance(event, MarkPlayed):  # echoes keep coming after a clear at the end; count them
             self._on_mark(event.name)
         elif self.ended:
             return
-        elif isinstance(event, CallerAudio):
-            try:
-                self._on_caller_audio(event.payload)
-            except ValueError as exc:  # e.g. a payload the decoder cannot take: drop it, keep the call
-                log.warning("call %s: dropped caller audio (%s)", self.call_id, exc)
         elif isinstance(event, DtmfPressed):
             self.stats.dtmf.append(event.digit)
             self._notify("dtmf", event.digit)

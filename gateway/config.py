@@ -37,6 +37,9 @@ class ServerSection:
     public_url: str = ""  # "https://gw.example.com": base of the TwiML stream URL and of signed URLs
     stream_start_timeout_s: float = 5.0  # close a media stream that does not say `start` in time
     call_token_ttl_s: float = 30.0  # how long a prepared call waits for its media stream
+    # Agent audio sent but not yet confirmed played (mark echoes) before the next frame is dropped
+    # instead of sent. It includes the network round trip to the carrier: raise it for distant carriers.
+    carrier_buffer_s: float = 0.2
 
 
 @dataclass(frozen=True)
