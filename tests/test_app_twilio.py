@@ -1,12 +1,14 @@
 """The gateway app under real uvicorn on 127.0.0.1, driven over real HTTP and WebSockets by the simulated
 Twilio carrier: webhook and TwiML, signatures (403 before accept), tokens, exact outbound shapes, marks and
-clear, malformed input, isolation between calls, and engine slots freed however a call ends."""
+clear, malformed input, isolation between calls, and engine slots freed however a call ends; plus the
+TOML configuration the app is built from."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from pathlib import Path
 from xml.etree import ElementTree
 
 import httpx
@@ -17,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.echo_engine import EchoEngine
 from gateway.call import CallNotice
+from gateway.config import ConfigError, load_config
 from gateway.simcarrier import fetch_twiml, simulate_call
 from gateway.transports.twilio import compute_signature
 
@@ -236,3 +239,55 @@ async def test_called_number_picks_its_agent(start_gateway, tone_wav) -> None:
         ("NATM2", "You sell appliances.", 7),
         ("NATF1", "You answer the front desk.", None),
     ]
+
+
+# --- the configuration the app runs on ----------------------------------------------------------------
+
+
+def test_example_config_loads_and_routes_unknown_numbers_to_the_default_agent() -> None:
+    config = load_config(env={})
+    assert config.twilio.auth_token is None
+    assert config.agent_for("+19998887777").name == config.default_agent
+    assert config.agent_for(None).name == config.default_agent
+
+
+def test_auth_token_comes_from_the_environment_variable_named_in_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[server]\npublic_url = "https://gw.example.com"\n[twilio]\nauth_token_env = "MY_TWILIO_TOKEN"\n'
+        '[agents.a]\nvoice = "NATF2"\nprompt = "p"\n'
+    )
+    assert load_config(path, env={"MY_TWILIO_TOKEN": "s3cret"}).twilio.auth_token == "s3cret"
+
+
+@pytest.mark.parametrize(
+    "toml, names",
+    [
+        ('[server]\nport = "80"\n[agents.a]\nvoice = "v"\nprompt = "p"\n', ["[server]", "port", "int"]),
+        ('[server]\nhots = "x"\n[agents.a]\nvoice = "v"\nprompt = "p"\n', ["[server]", "hots"]),
+        ('[agents.a]\nvoice = "v"\n', ["[agents.a]", "prompt"]),
+        (
+            '[agents.a]\nvoice = "v"\nprompt = "p"\n[agents.a.sampling]\ntemp_text = "hot"\n',
+            ["[agents.a.sampling]", "temp_text"],
+        ),
+        ('[agents.a]\nvoice = "v"\nprompt = "p"\n[numbers]\n"+1555" = "b"\n', ["[numbers]", "+1555", "'b'"]),
+        (
+            '[server]\npublic_url = "https://gw.example.com/twilio"\n[agents.a]\nvoice = "v"\nprompt = "p"\n',
+            ["[server]", "public_url"],
+        ),
+    ],
+)
+def test_config_errors_name_file_section_and_key(tmp_path: Path, toml: str, names: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env={})
+    for name in [str(path), *names]:
+        assert name in str(error.value)
+
+
+def test_auth_token_without_public_url_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('[agents.a]\nvoice = "v"\nprompt = "p"\n')
+    with pytest.raises(ConfigError, match=r"\[server\] public_url is required"):
+        load_config(path, env={"TWILIO_AUTH_TOKEN": "x"})
