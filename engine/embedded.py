@@ -85,6 +85,7 @@ def build_engine(
     lm, mimi = load_models(files, cfg, device)
     capacity = capacity or slot_count(device, lm)
     runner = BatchRunner(lm, mimi, capacity)
+    runner.warmup()
     log.info("engine on %s: %d slots (context %d steps)", device, capacity, cfg.lm.context)
     return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice)
 

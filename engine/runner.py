@@ -184,6 +184,13 @@ class BatchRunner:
         self.next_position.add_(active.long())
         return emitted
 
+    def warmup(self, steps: int = 2) -> None:
+        """Run full-size steps with every slot idle, so first-call kernel set-up does not land on a call."""
+        idle = torch.zeros(self.capacity, dtype=torch.bool, device=self.lm.device)
+        silence = torch.zeros(self.capacity, 1920, device=self.lm.device)
+        for _ in range(steps):
+            self.step(silence, idle)
+
     def _only(self, slot: int) -> torch.Tensor:
         mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.lm.device)
         mask[slot] = True

@@ -1,0 +1,130 @@
+"""The engine worker serving sessions over asyncio: admission, batching of concurrent sessions, teardown,
+and a failing step isolated to the sessions in it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from tinymodel import FIXTURE, reference_prompt, tiny_models
+
+from engine.api import EngineBusy, EngineError, Sampling, SessionClosed, SessionSpec
+from engine.loading import load_text_tokenizer
+from engine.runner import BatchRunner
+from engine.worker import EngineWorker
+
+SPEC = SessionSpec(voice="voice_tiny", prompt=reference_prompt(), sampling=Sampling(greedy=True))
+
+
+@pytest.fixture
+async def worker():
+    lm, mimi, _ = tiny_models()
+    tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
+    # Admission is tested on its own below; a loaded CI machine must not refuse these calls.
+    engine = EngineWorker(
+        BatchRunner(lm, mimi, 2), tokenizer, FIXTURE / "voices", admit_fraction=float("inf")
+    )
+    yield engine
+    await engine.aclose()
+
+
+def caller_frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(1920) * 0.1).astype(np.float32) for _ in range(count)]
+
+
+async def talk(session, frames) -> list:
+    received, stream = [], session.frames().__aiter__()
+    for frame in frames:
+        session.push(frame)
+        received.append(await asyncio.wait_for(stream.__anext__(), 10))
+    return received
+
+
+async def test_each_pushed_frame_yields_one_agent_frame_in_order(worker):
+    session = await worker.open(SPEC)
+    frames = await talk(session, caller_frames(6))
+    assert [f.index for f in frames] == list(range(6))
+    assert all(f.pcm.shape == (1920,) and f.pcm.dtype == np.float32 for f in frames)
+    assert session.prompt_positions == 147
+    assert worker.stats.steps == 6 and 0 < worker.stats.recent_step_s < 5
+
+
+async def test_concurrent_sessions_get_the_same_frames_as_alone(worker):
+    alone = await worker.open(SPEC)
+    solo = await talk(alone, caller_frames(8, seed=1))
+    await alone.close()
+    first, second = await worker.open(SPEC), await worker.open(SPEC)
+    both = await asyncio.gather(talk(first, caller_frames(8, seed=1)), talk(second, caller_frames(8, seed=2)))
+    assert [f.token for f in both[0]] == [f.token for f in solo]
+    assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(both[0], solo, strict=True))
+    assert worker.stats.steps < 8 + 8 + 8  # the two concurrent calls shared steps
+
+
+async def test_open_is_refused_when_every_slot_is_taken_and_close_frees_one(worker):
+    sessions = [await worker.open(SPEC), await worker.open(SPEC)]
+    with pytest.raises(EngineBusy):
+        await worker.open(SPEC)
+    await sessions[0].close()
+    again = await worker.open(SPEC)
+    assert again.slot == sessions[0].slot
+    with pytest.raises(SessionClosed):
+        sessions[0].push(caller_frames(1)[0])
+
+
+async def test_unknown_voice_is_an_error_naming_the_voices(worker):
+    with pytest.raises(EngineError, match="voice_tiny"):
+        await worker.open(SessionSpec(voice="NOPE", prompt="hi"))
+    assert worker.stats.active == 0 and len(worker._free) == 2
+
+
+async def test_prompt_longer_than_the_context_is_refused(worker):
+    long_prompt = "the repair visit costs eighty nine dollars " * 200
+    with pytest.raises(EngineError, match="shorten the role prompt"):
+        await worker.open(SessionSpec(voice="voice_tiny", prompt=long_prompt))
+
+
+async def test_a_failing_step_ends_only_the_sessions_in_it(worker, monkeypatch):
+    victim, bystander = await worker.open(SPEC), await worker.open(SPEC)
+    real_step = worker.runner.step
+
+    def failing_step(pcm, active):
+        if bool(active[victim.slot]):
+            raise RuntimeError("simulated device fault")
+        return real_step(pcm, active)
+
+    monkeypatch.setattr(worker.runner, "step", failing_step)
+    victim.push(caller_frames(1)[0])
+    with pytest.raises(SessionClosed, match="lost"):
+        async for _ in victim.frames():
+            pass
+    assert victim.close_reason == "engine_lost"
+    frames = await talk(bystander, caller_frames(2))
+    assert len(frames) == 2
+
+
+async def test_sampled_sessions_report_their_seed_and_replay(worker):
+    spec = SessionSpec(voice="voice_tiny", prompt="hello", seed=None, sampling=Sampling())
+    first = await worker.open(spec)
+    tokens = [f.token for f in await talk(first, caller_frames(6))]
+    await first.close()
+    replay = await worker.open(SessionSpec(voice="voice_tiny", prompt="hello", seed=first.seed))
+    assert [f.token for f in await talk(replay, caller_frames(6))] == tokens
+
+
+async def test_calls_are_refused_while_measured_steps_break_the_real_time_budget(worker, monkeypatch):
+    worker.admit_fraction = 0.8
+    session = await worker.open(SPEC)
+    real_step = worker.runner.step
+
+    def slow_step(pcm, active):
+        time.sleep(0.07)  # 70 ms of an 80 ms frame: over the 80% admission threshold
+        return real_step(pcm, active)
+
+    monkeypatch.setattr(worker.runner, "step", slow_step)
+    await talk(session, caller_frames(3))
+    with pytest.raises(EngineBusy, match="real-time budget"):
+        await worker.open(SPEC)
+    assert worker.stats.recent_step_s >= 0.07
