@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian/Ubuntu machine (system packages only when missing),
+# then runs the default (fast) suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg_cmd in redis-server:redis-server espeak-ng:espeak-ng sox:sox; do
+    command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# torch is pinned so pip takes the CPU build from this machine's disk instead of a multi-GB CUDA build.
+python3 -m pip install -q torch==2.13.0 -e ".[test]"
+
+if [ "$#" -eq 0 ]; then
+    set -- -m "not slow"
+fi
+exec python3 -m pytest -q "$@"
