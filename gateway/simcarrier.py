@@ -66,7 +66,9 @@ class SimCallSummary:
     clears_received: int = 0
     violations: list[str] = field(default_factory=list)
     first_audio_latency_s: float | None = None  # first caller audio sent -> first agent audio received
-    frame_latencies_ms: list[float] = field(default_factory=list)  # 4th caller chunk of a frame -> reply
+    # Reply k paired with caller chunk 4k+3 (the chunk completing frame k) -> its arrival. Meaningful when
+    # the gateway answers every caller frame from the first, as with the echo engine (load benchmark).
+    frame_latencies_ms: list[float] = field(default_factory=list)
     closed_by: str = ""  # "carrier" (we sent stop / dropped) or "gateway"
     close_code: int | None = None
     outbound_log: list[tuple[float, str]] = field(default_factory=list)  # (time, event) in arrival order

@@ -117,8 +117,14 @@ def start_gateway() -> Iterator[Callable[..., LiveGateway]]:
 
 @pytest.fixture
 def live_gateway(start_gateway: Callable[..., LiveGateway], engine: Engine) -> LiveGateway:
-    """A running gateway without Twilio auth, on the `engine` fixture."""
+    """A running gateway without Twilio auth, on the `engine` fixture (tests of engine-agnostic behaviour)."""
     return start_gateway(engine)
+
+
+@pytest.fixture
+def echo_gateway(start_gateway: Callable[..., LiveGateway], echo_engine: EchoEngine) -> LiveGateway:
+    """A running gateway on the echo engine, for tests that check what comes back or count sessions."""
+    return start_gateway(echo_engine)
 
 
 @pytest.fixture

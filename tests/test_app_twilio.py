@@ -51,16 +51,16 @@ async def test_healthz_answers_ok(live_gateway) -> None:
     assert response.json() == {"status": "ok", "calls": 0, "prepared": 0}
 
 
-async def test_voice_webhook_answers_twiml_with_stream_and_token_and_starts_priming(live_gateway) -> None:
+async def test_voice_webhook_answers_twiml_with_stream_and_token_and_starts_priming(echo_gateway) -> None:
     async with httpx.AsyncClient() as client:
-        response = await client.post(live_gateway.webhook, data=voice_form())
+        response = await client.post(echo_gateway.webhook, data=voice_form())
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/xml")
     stream = ElementTree.fromstring(response.text).find("./Connect/Stream")
-    assert stream is not None and stream.get("url") == live_gateway.ws_url  # no query string
+    assert stream is not None and stream.get("url") == echo_gateway.ws_url  # no query string
     (param,) = stream.findall("Parameter")
     assert param.get("name") == "token" and len(param.get("value", "")) >= 32
-    assert await live_gateway.until(lambda: live_gateway.engine.opened == 1)  # primed while ringing
+    assert await echo_gateway.until(lambda: echo_gateway.engine.opened == 1)  # primed while ringing
 
 
 async def test_voice_webhook_with_bad_signature_is_refused(start_gateway) -> None:
@@ -114,17 +114,17 @@ async def test_stream_signed_with_trailing_slash_is_accepted(start_gateway) -> N
         assert ws.protocol.state.name == "OPEN"
 
 
-async def test_stream_token_is_single_use(live_gateway, tone_wav) -> None:
-    first = await simulate_call(None, tone_wav(440, 0.3), webhook=live_gateway.webhook, tail_s=0.1)
+async def test_stream_token_is_single_use(echo_gateway, tone_wav) -> None:
+    first = await simulate_call(None, tone_wav(440, 0.3), webhook=echo_gateway.webhook, tail_s=0.1)
     assert first.media_received > 0
     replay = await simulate_call(
-        live_gateway.ws_url,
+        echo_gateway.ws_url,
         tone_wav(440, 0.3),
         custom_parameters=first.stream_parameters,
         call_sid=first.call_sid,
     )
     assert (replay.closed_by, replay.close_code, replay.media_received) == ("gateway", 1008, 0)
-    assert live_gateway.engine.opened == 1
+    assert echo_gateway.engine.opened == 1
 
 
 async def test_stream_token_for_another_call_is_refused(live_gateway, tone_wav) -> None:
@@ -136,9 +136,9 @@ async def test_stream_token_for_another_call_is_refused(live_gateway, tone_wav) 
     assert len(live_gateway.state.prepared) == 1  # the real call can still claim its token
 
 
-async def test_stream_without_token_is_primed_at_start(live_gateway, tone_wav) -> None:
-    summary = await simulate_call(live_gateway.ws_url, tone_wav(1000, 0.6), tail_s=0.2)
-    assert live_gateway.engine.opened == 1
+async def test_stream_without_token_is_primed_at_start(echo_gateway, tone_wav) -> None:
+    summary = await simulate_call(echo_gateway.ws_url, tone_wav(1000, 0.6), tail_s=0.2)
+    assert echo_gateway.engine.opened == 1
     assert summary.media_received > 0 and summary.violations == []
     assert dominant_hz(summary.heard[800:4800]) == pytest.approx(1000, abs=5)
 
@@ -157,17 +157,18 @@ async def test_malformed_messages_are_dropped_and_the_call_goes_on(live_gateway,
         live_gateway.ws_url, tone_wav(440, 1.0), inject=[(0.3, m) for m in garbage], tail_s=0.26
     )
     assert summary.closed_by == "carrier"  # the call lasted until the caller hung up
-    assert summary.media_received == frames_answered(1.26)
+    replies_after = [t for t, event in summary.outbound_log if event == "media" and t > 0.5]
+    assert len(replies_after) >= 5  # and agent audio kept coming after the garbage
     dropped = [
         r for r in caplog.records if "dropped" in r.getMessage() and summary.call_sid in r.getMessage()
     ]
     assert len(dropped) == len(garbage)
 
 
-async def test_two_concurrent_calls_are_isolated(live_gateway, tone_wav) -> None:
+async def test_two_concurrent_calls_are_isolated(echo_gateway, tone_wav) -> None:
     low, high = await asyncio.gather(
-        simulate_call(live_gateway.ws_url, tone_wav(440, 1.0), inject=[(0.4, "{broken")], tail_s=0.26),
-        simulate_call(live_gateway.ws_url, tone_wav(1200, 1.0), drop_at_s=0.6),
+        simulate_call(echo_gateway.ws_url, tone_wav(440, 1.0), inject=[(0.4, "{broken")], tail_s=0.26),
+        simulate_call(echo_gateway.ws_url, tone_wav(1200, 1.0), drop_at_s=0.6),
     )
     assert dominant_hz(low.heard[800:8000]) == pytest.approx(440, abs=5)
     assert dominant_hz(high.heard[800:4400]) == pytest.approx(1200, abs=5)
@@ -175,11 +176,11 @@ async def test_two_concurrent_calls_are_isolated(live_gateway, tone_wav) -> None
     assert low.violations == [] and high.violations == []
 
 
-async def test_carrier_that_disconnects_mid_call_frees_the_engine_session(live_gateway, tone_wav) -> None:
-    summary = await simulate_call(live_gateway.ws_url, tone_wav(440, 2.0), drop_at_s=0.5)
+async def test_carrier_that_disconnects_mid_call_frees_the_engine_session(echo_gateway, tone_wav) -> None:
+    summary = await simulate_call(echo_gateway.ws_url, tone_wav(440, 2.0), drop_at_s=0.5)
     assert summary.closed_by == "carrier" and summary.media_received > 0
-    assert await live_gateway.until(lambda: live_gateway.engine.active == 0 and not live_gateway.state.calls)
-    assert live_gateway.engine.opened == 1
+    assert await echo_gateway.until(lambda: echo_gateway.engine.active == 0 and not echo_gateway.state.calls)
+    assert echo_gateway.engine.opened == 1
 
 
 async def test_engine_busy_at_open_closes_the_stream(start_gateway, tone_wav, caplog) -> None:
