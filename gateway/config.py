@@ -93,7 +93,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (pass --config PATH)") from None
+        raise ConfigError(f"{path}: config file not found") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from None
     return parse_config(raw, source=str(path), env=os.environ if env is None else env)
