@@ -1,0 +1,484 @@
+"""Benchmark of the engine's BatchRunner: step time versus active sessions, prompt prefill one pass versus
+position by position, and the memory each session holds.
+
+Run `python bench/engine.py` (tiny random checkpoint on CPU, about a minute on one thread) or, on a GPU,
+`python bench/engine.py --device cuda --size real` (the published 7B sizes with random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.api import Sampling  # noqa: E402
+from engine.checkpoint import load_models, write_random_checkpoint  # noqa: E402
+from engine.config import FRAME_SAMPLES, ModelConfig  # noqa: E402
+from engine.embedded import slot_count  # noqa: E402
+from engine.loading import resolve_checkpoint  # noqa: E402
+from engine.model.lm import LMModel  # noqa: E402
+from engine.model.mimi import Mimi  # noqa: E402
+from engine.model.quantizer import Codebook  # noqa: E402
+from engine.prompt import PromptPlan, plan_from_codes  # noqa: E402
+from engine.runner import AGENT_CODEBOOKS, BatchRunner, VoicePrefix  # noqa: E402
+
+FRAME_MS = 1000 * FRAME_SAMPLES / 24_000  # 80 ms: a step slower than this falls behind the call
+VOICE_FRAMES = 52  # ~4 s of voice prompt codes, as a published voice has
+ROLE_TEXT_TOKENS = 70  # a typical role prompt after the <system> wrapping
+SEED = 0
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+
+
+def tiny_models(device: torch.device, workdir: Path) -> tuple[LMModel, Mimi, ModelConfig]:
+    """The random tiny checkpoint, written to disk and loaded as the engine loads any checkpoint."""
+    write_random_checkpoint(workdir, seed=SEED)
+    files = resolve_checkpoint(workdir)
+    cfg = files.model_config()
+    lm, mimi = load_models(files, cfg, device)
+    return lm, mimi, cfg
+
+
+def random_models(cfg: ModelConfig, device: torch.device) -> tuple[LMModel, Mimi]:
+    """Models of `cfg` with deterministic random weights made on `device` (LM bf16, Mimi fp32): for the
+    published sizes no 17 GB checkpoint has to exist, and a step costs the same whatever the weights."""
+    with torch.device("meta"):  # allocate the 8B LM once, directly in bf16 on the device
+        lm = LMModel(cfg.lm).to(torch.bfloat16)
+    lm = lm.to_empty(device=device)
+    with torch.device(device):
+        mimi = Mimi(cfg.mimi)
+    randomise(lm, SEED)
+    randomise(mimi, SEED + 1)
+    for module in mimi.modules():
+        if isinstance(module, Codebook):
+            module.refresh()  # the codebook vectors are derived from the statistics just drawn
+    return lm.eval(), mimi.eval()
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Fill every checkpoint tensor in place, on its own device: unit norms, zero biases, LayerScale 0.1,
+    unit codebook usage, and 1/sqrt(fan_in)-scaled normals for matrices, so activations stay in range."""
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("alpha", "weight") and "norm" in name:
+            tensor.fill_(1.0)
+        elif leaf == "bias":
+            tensor.zero_()
+        elif leaf == "scale":
+            tensor.fill_(0.1)
+        elif leaf in ("cluster_usage", "_initialized"):
+            tensor.fill_(1.0)
+        elif leaf == "embedding_sum":
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, device=device))
+        elif tensor.dim() >= 2:
+            fan_in = math.prod(tensor.shape[1:])
+            noise = torch.randn(tensor.shape, generator=generator, device=device)
+            tensor.copy_(noise.div_(math.sqrt(fan_in)))
+        else:
+            raise ValueError(f"bench randomise: no init rule for checkpoint tensor '{name}'; add one")
+
+
+# ---- workload -------------------------------------------------------------------------------------------
+
+
+def bench_plan(cfg: ModelConfig, generator: torch.Generator) -> PromptPlan:
+    """A prompt of the usual length: 52 voice frames + 6 silence + 70 text tokens + 6 silence positions."""
+    codes = torch.randint(0, cfg.lm.card, (VOICE_FRAMES, AGENT_CODEBOOKS), generator=generator)
+    text_ids = torch.randint(4, cfg.lm.text_card, (ROLE_TEXT_TOKENS,), generator=generator).tolist()
+    return plan_from_codes(codes, text_ids, cfg.lm)
+
+
+def primed_runner(lm: LMModel, mimi: Mimi, capacity: int, plan: PromptPlan) -> BatchRunner:
+    """A runner whose every slot holds a session primed with `plan` (sampling as the published server)."""
+    runner = BatchRunner(lm, mimi, capacity)
+    prefix: VoicePrefix | None = None
+    for slot in range(capacity):
+        runner.configure(slot, Sampling(), seed=SEED + slot)
+        prefix = runner.prefill(slot, plan, prefix=prefix).prefix
+    return runner
+
+
+class Stopwatch:
+    """Median wall time of a callable; on CUDA the queue is drained before and after each call so the
+    figure is the work done, not the launch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def median_ms(self, work: Callable[[], object], warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            work()
+        times = []
+        for _ in range(repeats):
+            self._sync()
+            start = time.perf_counter()
+            work()
+            self._sync()
+            times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+
+@dataclass
+class StepTimes:
+    full_ms: float  # Mimi encode + LM + Mimi decode
+    lm_ms: float  # step_codes only
+
+
+@dataclass
+class PrefillTimes:
+    one_pass_ms: float
+    by_position_ms: float
+    cached_prefix_ms: float
+
+
+@dataclass
+class Results:
+    shared: dict[int, StepTimes] = field(default_factory=dict)  # B -> times in the capacity-C runner
+    sized: dict[int, StepTimes] = field(default_factory=dict)  # B -> times in a runner of capacity B
+    prefill: dict[int, PrefillTimes] = field(default_factory=dict)  # runner capacity -> times
+
+
+def time_steps(
+    runner: BatchRunner, active_count: int, watch: Stopwatch, args: argparse.Namespace, device: torch.device
+) -> StepTimes:
+    generator = torch.Generator().manual_seed(SEED + active_count)
+    capacity = runner.capacity
+    active = torch.zeros(capacity, dtype=torch.bool, device=device)
+    active[:active_count] = True
+    pcm = (0.1 * torch.randn(capacity, FRAME_SAMPLES, generator=generator)).to(device)
+    user = torch.randint(0, runner.lm.cfg.card, (capacity, AGENT_CODEBOOKS), generator=generator).to(device)
+    full = watch.median_ms(lambda: runner.step(pcm, active), args.warmup, args.steps)
+    lm_only = watch.median_ms(lambda: runner.step_codes(user, active), args.warmup, args.steps)
+    return StepTimes(full, lm_only)
+
+
+def time_prefill(runner: BatchRunner, plan: PromptPlan, watch: Stopwatch, repeats: int) -> PrefillTimes:
+    """Prefill slot 0 three ways; the other slots keep their sessions."""
+    one_pass = watch.median_ms(lambda: runner.prefill(0, plan, one_pass=True), 1, repeats)
+    by_position = watch.median_ms(lambda: runner.prefill(0, plan, one_pass=False), 1, repeats)
+    prefix = runner.prefill(0, plan).prefix  # as the first session of this voice would have cached it
+    cached = watch.median_ms(lambda: runner.prefill(0, plan, prefix=prefix), 1, repeats)
+    return PrefillTimes(one_pass, by_position, cached)
+
+
+def run_timings(
+    lm: LMModel, mimi: Mimi, plan: PromptPlan, capacity: int, args: argparse.Namespace, device: torch.device
+) -> Results:
+    """One runner at a time (on a GPU each full-size slot holds 1.6 GB of KV): the runners sized to each
+    B first, then the shared runner of `capacity` with 1..capacity slots active."""
+    watch, results = Stopwatch(device), Results()
+    batches = [b for b in args.batches if b <= capacity]
+    for size in [*(b for b in batches if b < capacity), capacity]:
+        log(f"capacity {size}: priming {size} slot(s)")
+        runner = primed_runner(lm, mimi, size, plan)
+        for active_count in batches if size == capacity else [size]:
+            log(f"capacity {size}: stepping with {active_count} active")
+            times = time_steps(runner, active_count, watch, args, device)
+            if size == capacity:
+                results.shared[active_count] = times
+            if size == active_count:
+                results.sized[active_count] = times
+        if size in (1, capacity):
+            log(f"capacity {size}: prefill")
+            results.prefill[size] = time_prefill(runner, plan, watch, args.prefill_repeats)
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def session_bytes(runner: BatchRunner) -> dict[str, int]:
+    """Bytes per slot of each kind of per-session state, from the runner's own tensors."""
+    kv = runner.kv
+    params = [runner.text_params, runner.audio_params]
+    slot_tensors = [runner.next_position, runner.pending, runner.user_delayed, runner.forced_text]
+    slot_tensors += [t for p in params for t in (p.greedy, p.temperature, p.top_k, p.seed)]
+    totals = {
+        "LM KV ring": nbytes([kv.keys, kv.values, kv.positions]),
+        "Mimi streaming state": nbytes(runner.mimi_state.tensors()),
+        "tokens and sampling settings": nbytes(slot_tensors),
+    }
+    return {name: total // runner.capacity for name, total in totals.items()}
+
+
+def meta_runner(cfg: ModelConfig) -> tuple[BatchRunner, int, int]:
+    """A one-slot runner of `cfg` on the meta device (shapes only, nothing allocated), with the LM (bf16)
+    and Mimi (fp32) weight bytes."""
+    with torch.device("meta"):
+        lm = LMModel(cfg.lm).to(torch.bfloat16)
+        mimi = Mimi(cfg.mimi)
+    weights = nbytes(list(lm.state_dict().values())), nbytes(list(mimi.state_dict().values()))
+    return BatchRunner(lm, mimi, 1), *weights
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"  ... {message}", file=sys.stderr, flush=True)
+
+
+def readable(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the figure at or above 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: the architecture name will do
+    return platform.processor() or platform.machine()
+
+
+def print_header(args: argparse.Namespace, device: torch.device, cfg: ModelConfig, capacity: int) -> None:
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        where = f"cpu ({cpu_model()}, {os.cpu_count()} logical cores)"
+    lm = cfg.lm
+    print(f"command:  {shlex.join([sys.executable, *sys.argv])}")
+    print(f"torch:    {torch.__version__}    device: {where}    threads: {torch.get_num_threads()}")
+    print(
+        f"model:    {args.size}: LM dim {lm.dim} x {lm.num_layers} layers, context {lm.context}, "
+        f"depformer {lm.depformer_dim} x {lm.depformer_num_layers} layers x {lm.dep_q} steps; "
+        f"Mimi SEANet dim {cfg.mimi.seanet.dimension}"
+    )
+    print(
+        f"timing:   median of {args.steps} steps after {args.warmup} warm-up; prefill median of "
+        f"{args.prefill_repeats}; shared runner capacity {capacity}; sampling as the published server"
+    )
+
+
+def print_steps(results: Results, capacity: int) -> None:
+    print(f"\n1. step time vs active sessions B (real time: a step within {FRAME_MS:.0f} ms)")
+    print(f"   shared runner: one runner of capacity {capacity}, only the number of active slots varies")
+    print("   sized runner:  a runner of capacity B with every slot active (B=1 is the capacity-1 reference)")
+    print(
+        "     B | shared full ms  xB=1 | shared LM ms  xB=1 | full ms/session "
+        "| sized full ms  xcap1 | sized LM ms  xcap1"
+    )
+    base, ref = results.shared[min(results.shared)], results.sized.get(1)
+    for b, shared in sorted(results.shared.items()):
+        line = (
+            f"  {b:4d} | {shared.full_ms:14.2f} {shared.full_ms / base.full_ms:5.2f} "
+            f"| {shared.lm_ms:12.2f} {shared.lm_ms / base.lm_ms:5.2f} | {shared.full_ms / b:15.2f} "
+        )
+        sized = results.sized.get(b)
+        if sized is not None and ref is not None:
+            line += (
+                f"| {sized.full_ms:13.2f} {sized.full_ms / ref.full_ms:5.2f} "
+                f"| {sized.lm_ms:11.2f} {sized.lm_ms / ref.lm_ms:5.2f}"
+            )
+        print(line)
+    if ref is not None:
+        print(
+            f"   reference, B=1 in a capacity-1 runner: full {ref.full_ms:.2f} ms, LM only {ref.lm_ms:.2f} ms"
+        )
+    for label, rows in (("shared runner", results.shared), ("sized runners", results.sized)):
+        fits = [b for b, t in rows.items() if t.full_ms <= FRAME_MS]
+        print(f"   sessions in real time, {label}: {max(fits) if fits else 0} (of B measured)")
+
+
+def print_prefill(results: Results, plan: PromptPlan) -> None:
+    print(
+        f"\n2. prefill of a {plan.length}-position prompt ({VOICE_FRAMES} voice frames + 6 + "
+        f"{ROLE_TEXT_TOKENS} text + 6; {plan.voice_positions} voice-only positions cacheable)"
+    )
+    print(
+        "   runner capacity | one pass ms | by position ms | by position / one pass | cached voice prefix ms"
+    )
+    for capacity, t in sorted(results.prefill.items()):
+        print(
+            f"   {capacity:15d} | {t.one_pass_ms:11.2f} | {t.by_position_ms:14.2f} "
+            f"| {t.by_position_ms / t.one_pass_ms:22.1f} | {t.cached_prefix_ms:22.2f}"
+        )
+
+
+def print_memory(measured: BatchRunner, size: str) -> None:
+    print("\n3. memory per session (bytes of the runner's per-slot tensors / capacity)")
+    real, lm_weights, mimi_weights = meta_runner(ModelConfig())
+    columns = [(f"{size} (measured runner)", session_bytes(measured))]
+    if size != "real":
+        columns.append(("real sizes (shapes only)", session_bytes(real)))
+    print("   " + " " * 30 + "".join(f"| {label:>26} " for label, _ in columns))
+    for kind in columns[0][1]:
+        print(f"   {kind:30}" + "".join(f"| {readable(c[kind]):>26} " for _, c in columns))
+    print(f"   {'total per session':30}" + "".join(f"| {readable(sum(c.values())):>26} " for _, c in columns))
+    lm = ModelConfig().lm
+    kv_formula = 2 * lm.num_layers * lm.context * lm.dim * 2
+    print(
+        f"   real LM KV ring by formula: 2 (k, v) x {lm.num_layers} layers x {lm.context} context x "
+        f"{lm.dim} dim x 2 bytes (bf16) = {kv_formula / 2**30:.3f} GiB"
+    )
+    print(
+        f"   real weights (shared by all sessions): LM bf16 {lm_weights / 2**30:.2f} GiB, Mimi fp32 "
+        f"{mimi_weights / 2**20:.0f} MiB"
+    )
+
+
+@dataclass
+class Target:
+    what: str
+    measured: float
+    limit: float
+    at_most: bool  # True: measured <= limit passes; False: measured >= limit passes
+
+    def line(self) -> str:
+        met = self.measured <= self.limit if self.at_most else self.measured >= self.limit
+        sign = "<=" if self.at_most else ">="
+        verdict = "met   " if met else "MISSED"
+        return f"   {verdict} {self.what}: {self.measured:.2f} (target {sign} {self.limit:g})"
+
+
+def targets(results: Results, device: torch.device, size: str) -> list[Target]:
+    """The issue's targets that apply to this device and size."""
+    found: list[Target] = []
+    shared, sized, prefill = results.shared, results.sized, results.prefill
+    if device.type == "cpu" and size == "tiny":
+        if 1 in shared and 8 in shared:
+            found.append(
+                Target("B=8 / B=1 step, shared runner", shared[8].full_ms / shared[1].full_ms, 3, True)
+            )
+        if 1 in sized and 8 in sized:
+            found.append(
+                Target("B=8 / B=1 step, sized runners", sized[8].full_ms / sized[1].full_ms, 3, True)
+            )
+        for capacity, t in sorted(prefill.items()):
+            found.append(
+                Target(
+                    f"one-pass prefill speed-up, capacity {capacity}",
+                    t.by_position_ms / t.one_pass_ms,
+                    10,
+                    False,
+                )
+            )
+    if device.type == "cuda" and size == "real":
+        if 1 in sized:
+            found.append(Target("B=1 step ms, capacity-1 runner", sized[1].full_ms, 15, True))
+        if 1 in shared:
+            found.append(Target("B=1 step ms, shared runner", shared[1].full_ms, 15, True))
+        if 32 in shared:
+            found.append(Target("B=32 step ms, shared runner", shared[32].full_ms, 40, True))
+        fits = [b for b, t in shared.items() if t.full_ms <= FRAME_MS]
+        found.append(Target("sessions in real time, shared runner", max(fits, default=0), 32, False))
+        for capacity, t in sorted(prefill.items()):
+            found.append(Target(f"one-pass prefill ms, capacity {capacity}", t.one_pass_ms, 100, True))
+    return found
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+
+def session_counts(text: str) -> list[int]:
+    """'1,2,8' -> [1, 2, 8] (sorted, duplicates dropped)."""
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,2,4, got '{text}'"
+        ) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="tiny: random tiny checkpoint via a temp dir; real: published sizes, random weights, GPU only",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, comparable)")
+    parser.add_argument("--capacity", type=int, default=32, help="slots of the shared runner (default 32)")
+    parser.add_argument(
+        "--batches",
+        type=session_counts,
+        default=[1, 2, 4, 8, 16, 32],
+        help="active-session counts, comma separated (default 1,2,4,8,16,32; those above capacity dropped)",
+    )
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per row (default 15)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row (default 3)")
+    parser.add_argument("--prefill-repeats", type=int, default=5, help="timed prefills per row (default 5)")
+    args = parser.parse_args(argv)
+    if args.capacity < 1 or args.steps < 1 or args.warmup < 0 or args.prefill_repeats < 1 or args.threads < 1:
+        parser.error("--capacity, --steps, --prefill-repeats and --threads must be >= 1, --warmup >= 0")
+    if not args.batches or args.batches[0] < 1:
+        parser.error(f"--batches must be positive session counts, got {args.batches}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench/engine.py: --device {args.device} asked for, but this torch sees no CUDA device")
+    if args.size == "real" and device.type != "cuda":
+        sys.exit("bench/engine.py: --size real needs --device cuda (17 GB of weights, 1.6 GB of KV per slot)")
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as workdir:
+        log(f"building the {args.size} models on {device}")
+        if args.size == "real":
+            cfg = ModelConfig()
+            lm, mimi = random_models(cfg, device)
+        else:
+            lm, mimi, cfg = tiny_models(device, Path(workdir))
+    capacity = args.capacity
+    if device.type == "cuda":
+        fitting = slot_count(device, lm)
+        if fitting < capacity:
+            log(f"only {fitting} slots fit in free GPU memory: shared runner capacity {fitting}")
+            capacity = fitting
+    plan = bench_plan(cfg, torch.Generator().manual_seed(SEED))
+    print_header(args, device, cfg, capacity)
+    results = run_timings(lm, mimi, plan, capacity, args, device)
+    print_steps(results, capacity)
+    print_prefill(results, plan)
+    print_memory(BatchRunner(lm, mimi, 1), args.size)
+    checks = targets(results, device, args.size)
+    print("\n4. targets from the issue for this device and size")
+    for check in checks:
+        print(check.line())
+    if not checks:
+        print("   none recorded for this device and size")
+    if device.type == "cuda":
+        print(f"\n   peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
