@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tinymodel import FIXTURE, REPO_ROOT
 
 from engine.loading import (
     CONFIG_FILE,
@@ -39,20 +40,6 @@ from engine.loading import (
     wrap_role_prompt,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _find_fixture() -> Path:
-    env = os.environ.get("DUPLEXGATE_FIXTURES")
-    roots = [Path(env)] if env else []
-    roots += [REPO_ROOT / "shared" / "fixtures", REPO_ROOT.parent / "shared" / "fixtures"]
-    for root in roots:
-        if (root / "personaplex-tiny").is_dir():
-            return root / "personaplex-tiny"
-    pytest.skip("tiny PersonaPlex fixture not found (set DUPLEXGATE_FIXTURES)", allow_module_level=True)
-
-
-FIXTURE = _find_fixture()
 KEY_LISTS = FIXTURE.parents[1] / "docs" / "checkpoint-keys"
 REFERENCE_STEPS = FIXTURE / "runs" / "greedy_pt" / "steps.json"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import wave
 from pathlib import Path
 
@@ -14,26 +13,13 @@ import pyloudnorm
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodel import FIXTURE
 
 from engine.config import MimiConfig, ModelConfig
 from engine.model.mimi import Mimi, MimiState
 
 torch.set_num_threads(1)  # the reference outputs were recorded with one thread
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _find_fixture() -> Path:
-    env = os.environ.get("DUPLEXGATE_FIXTURES")
-    roots = [Path(env)] if env else []
-    roots += [REPO_ROOT / "shared" / "fixtures", REPO_ROOT.parent / "shared" / "fixtures"]
-    for root in roots:
-        if (root / "personaplex-tiny").is_dir():
-            return root / "personaplex-tiny"
-    pytest.skip("tiny PersonaPlex fixture not found (set DUPLEXGATE_FIXTURES)", allow_module_level=True)
-
-
-FIXTURE = _find_fixture()
 KEY_LIST = FIXTURE.parents[1] / "docs" / "checkpoint-keys" / "mimi_state_dict_keys.tsv"
 INT16_FULL_SCALE = 32767  # the reference's wav writer: clip to [-1, 1], scale by 32767, truncate
 

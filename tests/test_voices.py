@@ -4,7 +4,6 @@ and looking voices up by name, against the tiny PersonaPlex fixture."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import wave
 from pathlib import Path
@@ -14,6 +13,7 @@ import pyloudnorm
 import pytest
 import torch
 from scipy.io import wavfile
+from tinymodel import FIXTURE
 
 from engine.config import SAMPLE_RATE
 from engine.voices import (
@@ -26,20 +26,6 @@ from engine.voices import (
     read_wav,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _find_fixture() -> Path:
-    env = os.environ.get("DUPLEXGATE_FIXTURES")
-    roots = [Path(env)] if env else []
-    roots += [REPO_ROOT / "shared" / "fixtures", REPO_ROOT.parent / "shared" / "fixtures"]
-    for root in roots:
-        if (root / "personaplex-tiny").is_dir():
-            return root / "personaplex-tiny"
-    pytest.skip("tiny PersonaPlex fixture not found (set DUPLEXGATE_FIXTURES)", allow_module_level=True)
-
-
-FIXTURE = _find_fixture()
 VOICE_PT = FIXTURE / "voices" / "voice_tiny.pt"
 VOICE_WAV = FIXTURE / "voices" / "voice_tiny.wav"
 

@@ -15,11 +15,23 @@ from engine.checkpoint import load_models
 from engine.config import ModelConfig
 from engine.loading import CheckpointFiles, resolve_checkpoint
 
-FIXTURE = Path(
-    os.environ.get(
-        "DUPLEXGATE_FIXTURE", Path(__file__).resolve().parents[2] / "shared/fixtures/personaplex-tiny"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_fixture() -> Path:
+    """The fixture lives in ../shared beside the checkout (or where DUPLEXGATE_FIXTURES points)."""
+    env = os.environ.get("DUPLEXGATE_FIXTURES")
+    roots = [Path(env)] if env else []
+    roots += [REPO_ROOT / "shared" / "fixtures", REPO_ROOT.parent / "shared" / "fixtures"]
+    for root in roots:
+        if (root / "personaplex-tiny").is_dir():
+            return root / "personaplex-tiny"
+    raise RuntimeError(
+        f"no personaplex-tiny fixture under {[str(r) for r in roots]}: set DUPLEXGATE_FIXTURES"
     )
-)
+
+
+FIXTURE = _find_fixture()
 RUNS = ("greedy_pt", "greedy_wav", "greedy_ctx24")
 
 
