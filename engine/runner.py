@@ -81,6 +81,7 @@ class BatchRunner:
             params.temperature[slot] = temp
             params.top_k[slot] = max(1, top_k)
             params.seed[slot] = seed & 0x7FFFFFFFFFFFFFFF
+            params.summarise()
         self.forced_text[slot] = -1
 
     @torch.inference_mode()

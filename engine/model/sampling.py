@@ -24,6 +24,14 @@ class SamplingParams:
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # int64, >= 1
     seed: torch.Tensor  # int64
+    # Host-side summaries kept by whoever fills the tensors, so sampling never syncs with the device.
+    all_greedy: bool = True
+    max_top_k: int = 1
+
+    def summarise(self) -> None:
+        """Refresh the host-side summaries after the tensors changed (once per session, not per step)."""
+        self.all_greedy = bool(self.greedy.all())
+        self.max_top_k = int(self.top_k.max())
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +58,9 @@ def sample_tokens(
     """logits [B, V] -> tokens [B] (int64)."""
     scores = logits.float()
     greedy_tokens = scores.argmax(dim=-1)
-    if bool(params.greedy.all()):
+    if params.all_greedy:
         return greedy_tokens
-    width = min(int(params.top_k.max()), scores.shape[-1])
+    width = min(params.max_top_k, scores.shape[-1])
     temperature = params.temperature.clamp_min(1e-6)[:, None]
     probs = torch.softmax(scores / temperature, dim=-1)
     top_probs, top_index = probs.topk(width, dim=-1)
