@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.call import CallNotice, CallSession, NoticeHook
@@ -327,5 +327,5 @@ async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
     try:
         # A close reason is capped at 123 bytes of UTF-8.
         await websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))
-    except (RuntimeError, OSError):
+    except (RuntimeError, OSError, WebSocketDisconnect):
         pass  # the peer went away meanwhile

@@ -66,8 +66,9 @@ class SimCallSummary:
     clears_received: int = 0
     violations: list[str] = field(default_factory=list)
     first_audio_latency_s: float | None = None  # first caller audio sent -> first agent audio received
-    # Reply k paired with caller chunk 4k+3 (the chunk completing frame k) -> its arrival. Meaningful when
-    # the gateway answers every caller frame from the first, as with the echo engine (load benchmark).
+    # Per reply (a media followed by its mark): sending the caller chunk that completed the frame it
+    # answers -> the reply's arrival. Meaningful when agent frame k answers caller frame k, as with the
+    # echo engine (load benchmark); see _CallRun._pair_reply.
     frame_latencies_ms: list[float] = field(default_factory=list)
     closed_by: str = ""  # "carrier" (we sent stop / dropped) or "gateway"
     close_code: int | None = None
@@ -326,6 +327,7 @@ class _CallRun:
         self.playout: _Playout | None = None
         self.gone = asyncio.Event()
         self.ended_at: float | None = None  # when the call ended for the caller
+        self.unpaired_reply: tuple[float, int] | None = None  # (arrival, position) of the last media
 
     async def send_event(self, message: dict[str, Any]) -> None:
         async with self.lock:  # sequence numbers must go out in order
@@ -438,6 +440,7 @@ class _CallRun:
                     self._on_media(now, base64.b64decode(data["media"]["payload"]))
                 elif event == "mark":
                     self.s.marks_received += 1
+                    self._pair_reply(data["mark"]["name"])
                     if playout.end <= now:
                         await self._echo(data["mark"]["name"])
                     else:
@@ -461,14 +464,27 @@ class _CallRun:
         pcm = np.frombuffer(audioop.ulaw2lin(ulaw, 2), dtype="<i2")
         self.playout.play(now, pcm)
         self.s.audio_received_s += len(ulaw) / RATE
-        k = self.s.media_received
+        self.unpaired_reply = (now, self.s.media_received)
         self.s.media_received += 1
         if self.first_audio_at is None:
             self.first_audio_at = now
-        # Reply k answers caller chunks 4k..4k+3 (one 80 ms model frame): its delay after the 4th chunk.
-        fourth = 4 * k + 3
+
+    def _pair_reply(self, mark_name: str) -> None:
+        """Time the media just before this mark against the caller chunk that completed its frame.
+
+        Frame k is caller chunks 4k..4k+3. k is the number at the end of the mark's name when there is
+        one (duplexgate names marks `agent-<frame>`, so frames the gateway dropped do not shift the
+        pairing), else the reply's position in the stream.
+        """
+        if self.unpaired_reply is None:
+            return
+        received_at, position = self.unpaired_reply
+        self.unpaired_reply = None
+        suffix = mark_name.rpartition("-")[2]
+        frame = int(suffix) if suffix.isdigit() else position
+        fourth = 4 * frame + 3
         if fourth < len(self.sent_at):
-            self.s.frame_latencies_ms.append((now - self.sent_at[fourth]) * 1000)
+            self.s.frame_latencies_ms.append((received_at - self.sent_at[fourth]) * 1000)
 
     async def _echo_marks(self) -> None:
         assert self.playout is not None
