@@ -253,3 +253,15 @@ def test_cli_call_rejects_a_malformed_dtmf_spec(tone_wav, tmp_path, capsys) -> N
         ]
     )
     assert rc == 2 and "DIGIT@SECONDS" in capsys.readouterr().err
+
+
+async def test_reply_latency_is_timed_from_the_chunk_that_completed_its_frame() -> None:
+    async def script(ws: ServerConnection, peer: Peer) -> None:
+        await peer.next_event("media", after=7)  # chunk 8: caller frame 1 (chunks 4..7) is complete
+        await ws.send(media(peer.stream_sid, tone(440, 0.08)))
+        await ws.send(mark(peer.stream_sid, "agent-1"))
+
+    async with scripted_peer(script) as (url, peer):
+        summary = await simulate_call(url, np.zeros(int(0.4 * RATE), np.int16), tail_s=0.0)
+    (latency,) = summary.frame_latencies_ms
+    assert 0.0 <= latency < 15.0  # paired with chunk 8, not with chunk 4 (80 ms earlier)
