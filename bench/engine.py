@@ -289,11 +289,12 @@ def print_steps(results: Results, capacity: int) -> None:
     print(f"\n1. step time vs active sessions B (real time: a step within {FRAME_MS:.0f} ms)")
     print(f"   shared runner: one runner of capacity {capacity}, only the number of active slots varies")
     print("   sized runner:  a runner of capacity B with every slot active (B=1 is the capacity-1 reference)")
+    first = min(results.shared)
     print(
-        "     B | shared full ms  xB=1 | shared LM ms  xB=1 | full ms/session "
+        f"     B | shared full ms  xB={first} | shared LM ms  xB={first} | full ms/session "
         "| sized full ms  xcap1 | sized LM ms  xcap1"
     )
-    base, ref = results.shared[min(results.shared)], results.sized.get(1)
+    base, ref = results.shared[first], results.sized.get(1)
     for b, shared in sorted(results.shared.items()):
         line = (
             f"  {b:4d} | {shared.full_ms:14.2f} {shared.full_ms / base.full_ms:5.2f} "
@@ -474,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
         if fitting < capacity:
             log(f"only {fitting} slots fit in free GPU memory: shared runner capacity {fitting}")
             capacity = fitting
+    if args.batches[0] > capacity:
+        sys.exit(
+            f"bench/engine.py: every --batches count {args.batches} exceeds the runner capacity {capacity}"
+        )
     plan = bench_plan(cfg, torch.Generator().manual_seed(SEED))
     print_header(args, device, cfg, capacity)
     results = run_timings(lm, mimi, plan, capacity, args, device)
