@@ -96,11 +96,12 @@ class BatchRunner:
         """
         self.reset(slot)
         lm, device = self.lm, self.lm.device
-        kv = self.kv.rows(slot, slot + 1)
+        length = plan.length
+        kv = self.kv.rows(slot, slot + 1, visible=min(length, lm.cfg.context))
         inputs = lm.embed(plan.tokens.to(device)[None])
         if plan.embeddings is not None:
             inputs = torch.cat([plan.embeddings.to(device, lm.dtype)[None], inputs], dim=1)
-        length, cached = plan.length, plan.voice_positions
+        cached = plan.voice_positions
         positions = torch.arange(length, device=device)[None]
         if not one_pass or length > lm.cfg.context:
             # A prompt longer than the ring must see the ring wrap, position by position.

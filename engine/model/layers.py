@@ -83,13 +83,20 @@ class KVRing:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.capacity = capacity
+        self.visible = capacity  # ring entries attention looks at (all, unless only a prefix is filled)
 
-    def rows(self, start: int, stop: int) -> KVRing:
-        """A view of slots [start, stop): writes through it land in this ring."""
+    def rows(self, start: int, stop: int, visible: int | None = None) -> KVRing:
+        """A view of slots [start, stop): writes through it land in this ring. With `visible`, attention
+        only looks at the first `visible` entries: for a prompt that fills the ring from 0 without wrapping,
+        the rest is empty and masked anyway, so skipping it changes no result."""
         view = KVRing.__new__(KVRing)
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
         view.positions, view.capacity = self.positions[start:stop], self.capacity
+        view.visible = self.capacity if visible is None else visible
         return view
+
+    def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
 
     def reset(self, mask: torch.Tensor) -> None:
         self.positions[mask] = -1
@@ -144,7 +151,8 @@ class RingSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, T, Dh]
         q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
         ring.write(layer, index, k, v, active)
-        out = F.scaled_dot_product_attention(q, ring.keys[layer], ring.values[layer], attn_mask=mask)
+        keys, values = ring.attended(layer)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, steps, dim))
 
 

@@ -86,7 +86,7 @@ class LMModel(nn.Module):
         # published RoPE uses float32 frequencies (bf16 ones break bit-exactness from position 2 on).
         freqs = rope_frequencies(self.cfg.dim // self.cfg.num_heads, self.cfg.max_period, x.device)
         index = kv.record_positions(positions, active)
-        mask = ring_mask(positions, kv.positions, self.cfg.context)
+        mask = ring_mask(positions, kv.positions[:, : kv.visible], self.cfg.context)
         if active is not None:  # idle rows may have an empty ring; give them something to attend to
             mask = mask | ~active[:, None, None, None]
         for layer_id, layer in enumerate(self.transformer.layers):
