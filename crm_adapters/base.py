@@ -1,0 +1,342 @@
+"""The one interface every CRM adapter implements, and what it adds to each: a deadline, a TTL cache and
+failure capture, so a lookup never raises into a call and the call record can say what happened.
+
+An adapter is one file in this package exporting `ADAPTER`, a `CrmAdapter` subclass whose `fetch(key)`
+returns the caller's record (a mapping), None if there is none, or raises; `lookup(call, key)` does the rest.
+The file's module name is the adapter's `type` in the config (`[crm.<name>] type = "static_file"`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import pkgutil
+import time
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "KEY_SOURCES",
+    "CrmAdapter",
+    "CrmConfigError",
+    "CrmLookupError",
+    "CrmResult",
+    "CrmSettings",
+    "IncomingCall",
+    "LookupStatus",
+    "adapter_class",
+    "adapter_types",
+    "check_key_spec",
+    "create_adapter",
+    "match_key",
+]
+
+LookupStatus = Literal["found", "not_found", "no_key", "timeout", "error"]
+# Where the lookup key of a call can come from: a fixed attribute, or a named webhook field/custom parameter.
+KEY_SOURCES = ("caller", "called", "call_id", "fields.<name>", "params.<name>")
+_KEY_PUNCTUATION = str.maketrans("", "", " -().")
+
+
+class CrmConfigError(ValueError):
+    """An adapter's settings are unusable; the message names the config section and key."""
+
+
+class CrmLookupError(RuntimeError):
+    """A lookup failed for a reason the adapter can state plainly (HTTP 500, bad JSON, missing table...)."""
+
+
+@dataclass(frozen=True)
+class IncomingCall:
+    """What a call carries before it is answered: numbers, the voice webhook's form fields and the carrier's
+    custom parameters (Twilio `<Parameter>`)."""
+
+    call_id: str
+    caller: str | None = None  # From
+    called: str | None = None  # To
+    fields: Mapping[str, str] = field(default_factory=dict)  # the voice webhook's form: From, To, CallSid...
+    params: Mapping[str, str] = field(default_factory=dict)  # custom parameters of the media stream
+
+    def key_value(self, spec: str) -> str | None:
+        """The value `spec` (one of KEY_SOURCES) picks from this call; None if the call does not carry it."""
+        source, _, name = spec.partition(".")
+        if source == "fields":
+            value = self.fields.get(name)
+        elif source == "params":
+            value = self.params.get(name)
+        else:
+            value = {"caller": self.caller, "called": self.called, "call_id": self.call_id}.get(spec)
+        value = (value or "").strip()
+        return value or None
+
+
+def check_key_spec(spec: Any, where: str) -> str:
+    """Validate a lookup key spec such as "caller" or "params.account"; `where` prefixes the error."""
+    if isinstance(spec, str):
+        source, dot, name = spec.partition(".")
+        if spec in ("caller", "called", "call_id") or (source in ("fields", "params") and dot and name):
+            return spec
+    raise CrmConfigError(f"{where} key = {spec!r} should be one of {', '.join(KEY_SOURCES)}")
+
+
+def match_key(value: str) -> str:
+    """The form keys are compared in: '+1 (555) 123-0000' in a file matches the carrier's '+15551230000'."""
+    return value.strip().translate(_KEY_PUNCTUATION)
+
+
+@dataclass(frozen=True)
+class CrmResult:
+    """One lookup's outcome: the record (empty unless found) and, for the call record, how it went."""
+
+    adapter: str
+    status: LookupStatus
+    data: Mapping[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    reason: str = ""  # why there is no data, in words; "" when found
+    elapsed_s: float = 0.0
+    cached: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.status == "found"
+
+    def summary(self) -> dict[str, Any]:
+        """What the call record keeps: no field values, only which fields came and why any did not."""
+        return {
+            "adapter": self.adapter,
+            "status": self.status,
+            "key": self.key,
+            "reason": self.reason,
+            "elapsed_ms": round(self.elapsed_s * 1000, 1),
+            "cached": self.cached,
+            "fields": sorted(self.data),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrmSettings:
+    """Settings every adapter takes; an adapter's own settings dataclass extends this one."""
+
+    type: str
+    deadline_s: float = 1.0  # a lookup still running after this is abandoned and the call goes on without it
+    cache_ttl_s: float = 0.0  # 0: no cache; found and not-found results are kept this long (errors never)
+    cache_size: int = 10_000  # most keys kept; the oldest entry goes first
+
+
+class _TtlCache:
+    """Lookups by key for `ttl_s` seconds, at most `size` keys."""
+
+    def __init__(self, ttl_s: float, size: int) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._entries: OrderedDict[str, tuple[float, Mapping[str, Any] | None]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[bool, Mapping[str, Any] | None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if entry[0] <= time.monotonic():
+            del self._entries[key]
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: str, record: Mapping[str, Any] | None) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (time.monotonic() + self.ttl_s, record)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class CrmAdapter(ABC):
+    """Looks up a caller's record in one CRM. Subclasses set `settings_type` and implement `fetch`."""
+
+    settings_type: ClassVar[type[CrmSettings]] = CrmSettings
+
+    def __init__(
+        self, name: str, settings: CrmSettings, env: Mapping[str, str] | None = None, where: str = ""
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.env: Mapping[str, str] = env if env is not None else {}
+        self.where = where or f"[crm.{name}]"  # prefix of this adapter's configuration errors
+        self._cache = _TtlCache(settings.cache_ttl_s, settings.cache_size)
+
+    @classmethod
+    def from_table(
+        cls, name: str, table: Mapping[str, Any], where: str, env: Mapping[str, str] | None = None
+    ) -> CrmAdapter:
+        """Build the adapter from its TOML table; errors start with `where` (file and section)."""
+        settings = parse_settings(cls.settings_type, table, where)
+        return cls(name, settings, env, where)
+
+    @abstractmethod
+    async def fetch(self, key: str) -> Mapping[str, Any] | None:
+        """The record stored under `key`, or None; raise (CrmLookupError if possible) on failure."""
+
+    async def aclose(self) -> None:
+        """Release connections; the adapter may be used again afterwards (it reconnects)."""
+        return None
+
+    def secret(self, env_key: str) -> str | None:
+        """The secret held in the environment variable that setting `env_key` names (None if no name is set).
+        A named variable that is unset is a start-up error, not a failed lookup on every call."""
+        variable = getattr(self.settings, env_key)
+        if not variable:
+            return None
+        value = self.env.get(variable)
+        if not value:
+            raise CrmConfigError(
+                f"{self.where} {env_key} = {variable!r}: environment variable {variable} is not set"
+            )
+        return value
+
+    def describe(self) -> str:
+        """Where this adapter looks, for logs and the CLI; never includes a secret."""
+        return self.settings.type
+
+    async def lookup(
+        self, call: IncomingCall, key: str = "caller", deadline_s: float | None = None
+    ) -> CrmResult:
+        """Look up the record `key` (a KEY_SOURCES spec) picks from `call`, within the deadline. Never raises
+        except when the call itself is cancelled."""
+        started = time.monotonic()
+        value = call.key_value(key)
+        if value is None:
+            return CrmResult(self.name, "no_key", reason=f"the call carries no {key}")
+        hit, cached = self._cache.get(value)
+        if hit:
+            return self._result(value, cached, started, cached=True)
+        deadline_s = self.settings.deadline_s if deadline_s is None else deadline_s
+        try:
+            async with asyncio.timeout(deadline_s):
+                record = await self.fetch(value)
+            if record is not None and not isinstance(record, Mapping):
+                raise CrmLookupError(f"the record is a {type(record).__name__}, not a set of named fields")
+        except TimeoutError:
+            reason = f"no answer within the {deadline_s:g} s deadline"
+            return self._failure(call, "timeout", value, reason, started)
+        except Exception as exc:  # an adapter must never take a call down with it
+            reason = str(exc) if isinstance(exc, CrmLookupError) else f"{type(exc).__name__}: {exc}"
+            return self._failure(call, "error", value, reason, started)
+        self._cache.put(value, record)
+        return self._result(value, record, started, cached=False)
+
+    def _result(
+        self, key: str, record: Mapping[str, Any] | None, started: float, *, cached: bool
+    ) -> CrmResult:
+        elapsed = time.monotonic() - started
+        if record is None:
+            return CrmResult(
+                self.name, "not_found", key=key, reason="no record", elapsed_s=elapsed, cached=cached
+            )
+        return CrmResult(self.name, "found", data=dict(record), key=key, elapsed_s=elapsed, cached=cached)
+
+    def _failure(
+        self, call: IncomingCall, status: LookupStatus, key: str, reason: str, started: float
+    ) -> CrmResult:
+        log.warning(
+            "call %s: CRM %s (%s) lookup failed: %s", call.call_id, self.name, self.describe(), reason
+        )
+        return CrmResult(self.name, status, key=key, reason=reason, elapsed_s=time.monotonic() - started)
+
+
+def adapter_types() -> list[str]:
+    """The adapter types this installation has: modules of this package that export ADAPTER."""
+    package = importlib.import_module(__package__ or "crm_adapters")
+    names = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            names.append(info.name)
+    return sorted(names)
+
+
+def adapter_class(kind: str, where: str) -> type[CrmAdapter]:
+    """The adapter class for `type = kind`; the error lists the types there are."""
+    if kind not in adapter_types():
+        raise CrmConfigError(f"{where} type = {kind!r} is not an adapter; known types: {adapter_types()}")
+    module = importlib.import_module(f"{__package__ or 'crm_adapters'}.{kind}")
+    found = getattr(module, "ADAPTER", None)
+    if not (isinstance(found, type) and issubclass(found, CrmAdapter)):
+        raise CrmConfigError(f"{where} type = {kind!r}: module {module.__name__} exports no ADAPTER class")
+    return found
+
+
+def create_adapter(
+    name: str, table: Mapping[str, Any], where: str, env: Mapping[str, str] | None = None
+) -> CrmAdapter:
+    """Build the adapter a `[crm.<name>]` table declares; `where` is "<file>: [crm.<name>]"."""
+    if not isinstance(table, Mapping):
+        raise CrmConfigError(f"{where} must be a table, got {type(table).__name__}")
+    kind = table.get("type")
+    if not isinstance(kind, str):
+        raise CrmConfigError(f"{where} needs type = one of {adapter_types()}")
+    return adapter_class(kind, where).from_table(name, table, where, env)
+
+
+def parse_settings(kind: type[CrmSettings], table: Mapping[str, Any], where: str) -> Any:
+    """Build settings dataclass `kind` from a TOML table, checking each key's name and type."""
+    hints = typing.get_type_hints(kind)
+    known = {f.name for f in dataclasses.fields(kind)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise CrmConfigError(f"{where} has unknown key '{key}'; known keys: {sorted(known)}")
+        values[key] = _checked(value, hints[key], where, key)
+    missing = [f.name for f in dataclasses.fields(kind) if f.name not in values and _required(f)]
+    if missing:
+        raise CrmConfigError(f"{where} is missing required key(s) {missing}")
+    for key in ("deadline_s", "cache_ttl_s"):
+        if key in values and values[key] < 0:
+            raise CrmConfigError(f"{where} {key} = {values[key]!r} must not be negative")
+    if values.get("deadline_s", 1.0) == 0:
+        raise CrmConfigError(f"{where} deadline_s = 0 would abandon every lookup; give it a few hundred ms")
+    return kind(**values)
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _checked(value: Any, expected: Any, where: str, key: str) -> Any:
+    """`value` if it fits type hint `expected` (str, int, float, bool, their unions with None, a mapping
+    of str to str, a tuple of str); float keys accept integers."""
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if origin in (dict, Mapping):
+            if isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                return dict(value)
+        elif origin is tuple:
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+        elif option is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif option is not type(None) and isinstance(value, option):
+            return value
+    names = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise CrmConfigError(f"{where} {key} = {value!r} should be {names}")
+
+
+def _type_name(option: Any) -> str:
+    origin = typing.get_origin(option)
+    if origin in (dict, Mapping):
+        return "a table of strings"
+    if origin is tuple:
+        return "a list of strings"
+    return getattr(option, "__name__", str(option))
