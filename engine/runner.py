@@ -69,6 +69,16 @@ class BatchRunner:
         self.forced_text = torch.full((capacity,), -1, **long)
         self.text_params = _params(capacity, device)
         self.audio_params = _params(capacity, device)
+        self._primed_codec, self._primer_pcm = self._prime_codec()
+
+    @torch.inference_mode()
+    def _prime_codec(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Codec state of a slot that has just decoded the last prompt frame (constant agent silence):
+        every session starts from it, so it is computed once and copied into a slot at prefill."""
+        state = self.mimi.init_state(1, self.lm.device)
+        codes = torch.tensor([SILENCE_TOKENS], device=self.lm.device)
+        pcm = self.mimi.decode_step(codes, state)[0].clone()
+        return [t[0].clone() for t in state.tensors()], pcm
 
     # ---- slot lifecycle -------------------------------------------------------------------------------
 
@@ -120,8 +130,9 @@ class BatchRunner:
         return Prefill(self._finish_prompt(slot, z, plan), prefix)
 
     def _finish_prompt(self, slot: int, z: torch.Tensor, plan: PromptPlan) -> torch.Tensor:
-        """Sample the first live position's text and agent cb0 from the last prompt position; decode the
-        last prompt frame so Mimi's decoder state matches the reference. Returns that frame's audio."""
+        """Sample the first live position's text and agent cb0 from the last prompt position; put the
+        codec in the state of having decoded the last prompt frame, as the reference has. Returns that
+        frame's audio."""
         rows = slice(slot, slot + 1)
         position = torch.full((1,), plan.length, dtype=torch.long, device=z.device)
         text_params, audio_params = _rows(self.text_params, rows), _rows(self.audio_params, rows)
@@ -131,8 +142,9 @@ class BatchRunner:
         self.pending[slot, 2:] = plan.next_agent_delayed.to(z.device)
         self.user_delayed[slot] = plan.next_user_delayed.to(z.device)
         self.next_position[slot] = plan.length
-        codes = torch.tensor(SILENCE_TOKENS, device=z.device).expand(self.capacity, -1)
-        return self.mimi.decode_step(codes, self.mimi_state, self._only(slot))[slot].clone()
+        for tensor, primed in zip(self.mimi_state.tensors(), self._primed_codec, strict=True):
+            tensor[slot] = primed
+        return self._primer_pcm.clone()
 
     @torch.inference_mode()
     def voice_source(self, voice: VoiceEmbeddings | VoiceAudio) -> VoiceEmbeddings | torch.Tensor:
@@ -149,9 +161,8 @@ class BatchRunner:
         return plan_from_codes(source, text_ids, self.lm.cfg)
 
     def reset(self, slot: int) -> None:
-        mask = self._only(slot)
-        self.kv.reset(mask)
-        self.mimi.reset(self.mimi_state, mask)
+        """Forget the slot's conversation (its codec state is replaced wholesale at the next prefill)."""
+        self.kv.reset(self._only(slot))
         self.forced_text[slot] = -1
 
     def force_text(self, slot: int, token: int) -> None:
