@@ -77,6 +77,7 @@ class EngineSession(Protocol):
 
     id: str
     seed: int
+    close_reason: str | None  # None while open; "closed", "engine_lost", "engine_closed" afterwards
 
     def push(self, pcm: np.ndarray) -> None:
         """Queue 80 ms (FRAME_SAMPLES) of caller audio; never blocks. Raises SessionClosed."""
@@ -94,8 +95,12 @@ class EngineSession(Protocol):
 class Engine(Protocol):
     """Serves many sessions from one model."""
 
+    capacity: int  # sessions it can hold at once
+    active: int  # sessions open now
+
     async def open(self, spec: SessionSpec) -> EngineSession:
-        """Prime a session (voice + role prompt) and return it ready for live frames."""
+        """Prime a session (voice + role prompt) and return it ready for live frames. Raises EngineBusy
+        when it cannot take the call, EngineError for a bad voice or prompt. Cancelling it frees the slot."""
         ...
 
     def count_prompt_tokens(self, prompt: str) -> int:

@@ -168,12 +168,19 @@ class EngineWorker:
         except CheckpointError as exc:  # an unknown or broken voice prompt
             self._free.append(slot)
             raise EngineError(str(exc)) from exc
-        except Exception:
-            self._free.append(slot)
+        except BaseException:  # cancelled too (the caller hung up while we primed): the slot is free again;
+            self._free.append(slot)  # a later prefill of it runs after this one on the model thread
             raise
         self._sessions[slot] = session
         self.stats.active = len(self._sessions)
         return session
+
+    def shutdown(self) -> None:
+        """End every session and stop the model thread (from any thread; aclose also stops the step loop)."""
+        self._closing = True
+        for session in list(self._sessions.values()):
+            session._finish("engine_closed")
+        self._executor.shutdown(wait=True)
 
     async def aclose(self) -> None:
         self._closing = True
@@ -186,6 +193,14 @@ class EngineWorker:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+    @property
+    def capacity(self) -> int:
+        return self.runner.capacity
+
+    @property
+    def active(self) -> int:
+        return len(self._sessions)
 
     def piece(self, token: int) -> str:
         return self.tokenizer.id_to_piece(int(token)).replace("\u2581", " ")

@@ -16,21 +16,34 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import uvicorn
 
 from bench.echo_engine import EchoEngine
 from engine.api import Engine
+from engine.checkpoint import write_random_checkpoint
+from engine.embedded import build_engine
+from engine.loading import resolve_checkpoint
 from gateway.app import create_app
 from gateway.config import EXAMPLE_CONFIG, GatewayConfig, parse_config
 
 TEST_AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny checkpoint in the published format, written once per test run (voice "demo", the
+    example config's voice)."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
 @pytest.fixture
-def engine() -> Engine:
-    """The engine behind gateway tests that only need some engine. The echo engine for now; switch to
-    the tiny real engine (`engine.embedded`) here once it lands."""
-    return EchoEngine()
+def engine(tiny_checkpoint: Path) -> Iterator[Engine]:
+    """The real engine (model, batching worker) on the tiny checkpoint, for gateway tests."""
+    worker = build_engine(resolve_checkpoint(tiny_checkpoint), torch.device("cpu"), capacity=4)
+    worker.admit_fraction = float("inf")  # a loaded CI machine must not turn test calls away
+    yield worker
+    worker.shutdown()
 
 
 @pytest.fixture
