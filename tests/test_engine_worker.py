@@ -128,3 +128,13 @@ async def test_calls_are_refused_while_measured_steps_break_the_real_time_budget
     with pytest.raises(EngineBusy, match="real-time budget"):
         await worker.open(SPEC)
     assert worker.stats.recent_step_s >= 0.07
+
+
+async def test_cancelling_open_while_priming_frees_the_slot(worker):
+    opening = asyncio.ensure_future(worker.open(SPEC))
+    await asyncio.sleep(0)  # priming has started on the model thread
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    sessions = [await worker.open(SPEC), await worker.open(SPEC)]  # both slots are free again
+    assert {s.slot for s in sessions} == {0, 1}
