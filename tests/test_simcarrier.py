@@ -215,13 +215,14 @@ async def test_upgrade_is_signed_over_the_stream_url() -> None:
     assert peer.headers["user-agent"] == "Twilio.TmeWs/1.0"
 
 
-def test_cli_call_writes_what_the_caller_heard(live_gateway, tone_wav, tmp_path, capsys) -> None:
+def test_cli_call_writes_what_the_caller_heard(echo_gateway, tone_wav, tmp_path, capsys) -> None:
+    # The echo engine answers each frame at once, so the count of replies before the stop is exact.
     out = tmp_path / "heard.wav"
     rc = main(
         [
             "call",
             "--url",
-            live_gateway.ws_url,
+            echo_gateway.ws_url,
             "--input",
             str(tone_wav(440, 0.5)),
             "--output",
