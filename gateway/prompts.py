@@ -62,7 +62,8 @@ LIST_MAX_ITEMS = 20
 RECORD_MAX_DEPTH = 3
 
 SYSTEM_TAG = "<system>"
-_STRUCTURE_CHARS = str.maketrans("", "", "<>")  # no field can open or close the <system> wrapper
+# No field can open or close the <system> wrapper, nor write a look-alike of it (after NFKC folding).
+_STRUCTURE_CHARS = str.maketrans("", "", "<>\u2039\u203a\u3008\u3009\u300a\u300b\u27e8\u27e9\u29fc\u29fd")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,;:!?])")
 _NOT_IDENTIFIER = re.compile(r"\W+")
 _CURRENCY_SYMBOLS = {"USD": "$"}
