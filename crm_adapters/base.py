@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 log = logging.getLogger(__name__)
@@ -163,21 +164,37 @@ class CrmAdapter(ABC):
     settings_type: ClassVar[type[CrmSettings]] = CrmSettings
 
     def __init__(
-        self, name: str, settings: CrmSettings, env: Mapping[str, str] | None = None, where: str = ""
+        self,
+        name: str,
+        settings: CrmSettings,
+        env: Mapping[str, str] | None = None,
+        where: str = "",
+        base_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.env: Mapping[str, str] = env if env is not None else {}
         self.where = where or f"[crm.{name}]"  # prefix of this adapter's configuration errors
+        self.base_dir = base_dir  # relative paths in the settings are relative to this (the config's folder)
         self._cache = _TtlCache(settings.cache_ttl_s, settings.cache_size)
 
     @classmethod
     def from_table(
-        cls, name: str, table: Mapping[str, Any], where: str, env: Mapping[str, str] | None = None
+        cls,
+        name: str,
+        table: Mapping[str, Any],
+        where: str,
+        env: Mapping[str, str] | None = None,
+        base_dir: Path | None = None,
     ) -> CrmAdapter:
         """Build the adapter from its TOML table; errors start with `where` (file and section)."""
         settings = parse_settings(cls.settings_type, table, where)
-        return cls(name, settings, env, where)
+        return cls(name, settings, env, where, base_dir)
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the settings; a relative one is taken from `base_dir` (else the working directory)."""
+        resolved = Path(path).expanduser()
+        return resolved if self.base_dir is None else self.base_dir / resolved
 
     @abstractmethod
     async def fetch(self, key: str) -> Mapping[str, Any] | None:
@@ -272,15 +289,20 @@ def adapter_class(kind: str, where: str) -> type[CrmAdapter]:
 
 
 def create_adapter(
-    name: str, table: Mapping[str, Any], where: str, env: Mapping[str, str] | None = None
+    name: str,
+    table: Mapping[str, Any],
+    where: str,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> CrmAdapter:
-    """Build the adapter a `[crm.<name>]` table declares; `where` is "<file>: [crm.<name>]"."""
+    """Build the adapter a `[crm.<name>]` table declares; `where` is "<file>: [crm.<name>]", `env` holds the
+    secrets, relative paths are taken from `base_dir` (the config file's folder)."""
     if not isinstance(table, Mapping):
         raise CrmConfigError(f"{where} must be a table, got {type(table).__name__}")
     kind = table.get("type")
     if not isinstance(kind, str):
         raise CrmConfigError(f"{where} needs type = one of {adapter_types()}")
-    return adapter_class(kind, where).from_table(name, table, where, env)
+    return adapter_class(kind, where).from_table(name, table, where, env, base_dir)
 
 
 def parse_settings(kind: type[CrmSettings], table: Mapping[str, Any], where: str) -> Any:

@@ -24,7 +24,8 @@ _KEY_PARAMETER = re.compile(r"(?<!:):key\b")  # `:key`, but not the `::key` of a
 
 @dataclass(frozen=True, kw_only=True)
 class SqlSettings(CrmSettings):
-    # sqlite:///relative/path.db, sqlite:////absolute/path.db, or postgresql://user@host:5432/database
+    # sqlite:///relative/path.db (from the config file's folder), sqlite:////absolute/path.db,
+    # or postgresql://user@host:5432/database
     dsn: str
     query: str  # SQL naming the lookup key as :key
     password_env: str = ""  # PostgreSQL: environment variable holding the password (kept out of the dsn)
@@ -46,7 +47,7 @@ class SqlAdapter(CrmAdapter):
             )
         scheme = urlsplit(self.settings.dsn).scheme
         if scheme == "sqlite":
-            self.sqlite_path: Path | None = _sqlite_path(self.settings.dsn)
+            self.sqlite_path: Path | None = self.resolve_path(self.settings.dsn.removeprefix("sqlite:///"))
             if not self.sqlite_path.is_file():
                 raise CrmConfigError(
                     f"{self.where} dsn = {self.settings.dsn!r}: {self.sqlite_path} does not exist"
@@ -143,11 +144,6 @@ class SqlAdapter(CrmAdapter):
             return await asyncio.shield(self._pool_task)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise CrmLookupError(f"PostgreSQL {self.describe()}: cannot connect: {exc}") from None
-
-
-def _sqlite_path(dsn: str) -> Path:
-    """sqlite:///crm.db -> crm.db (relative), sqlite:////var/lib/crm.db -> /var/lib/crm.db."""
-    return Path(dsn.removeprefix("sqlite:///")).expanduser()
 
 
 ADAPTER = SqlAdapter

@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, CrmLookupError, CrmSettings, match_key
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class StaticFileSettings(CrmSettings):
-    path: str  # .csv (header row) or .json; relative paths are relative to the gateway's working directory
+    path: str  # .csv (header row) or .json; a relative path is taken from the config file's folder
     key_field: str = "phone"  # column (CSV) or field (JSON records) holding the lookup key
     format: str = ""  # "csv" or "json"; empty: from the file's suffix
 
@@ -36,7 +35,7 @@ class StaticFileAdapter(CrmAdapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.path = Path(self.settings.path).expanduser()
+        self.path = self.resolve_path(self.settings.path)
         self.format = self.settings.format or self.path.suffix.lower().lstrip(".")
         if self.format not in ("csv", "json"):
             raise CrmConfigError(

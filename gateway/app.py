@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -21,15 +22,18 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.call import CallNotice, CallSession, NoticeHook
 from gateway.config import AgentConfig, GatewayConfig
 from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
 from gateway.transports.base import CarrierDialect
 from gateway.transports.twilio import MEDIA_PATH, VOICE_PATH, TwilioDialect, connect_stream_twiml
 
 log = logging.getLogger(__name__)
 
+ROLE_PROMPTS_KEPT = 1024  # the newest calls' role-prompt records (what was rendered, CRM outcome)
 MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big is not a media message
 TOKEN_PARAMETER = "token"
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
@@ -124,10 +128,30 @@ class Gateway:
         self.prepared = PreparedCalls(config.server.call_token_ttl_s)
         self.calls: dict[str, CallSession] = {}
         self.notice_hooks: list[NoticeHook] = []  # later issues (escalation, records) subscribe here
+        self.renderer = PromptRenderer(config.templates_dir)
+        self.role_prompts: OrderedDict[str, RolePrompt] = OrderedDict()  # call id -> its prompt's record
 
-    def open_engine_session(self, agent: AgentConfig, call_id: str) -> asyncio.Task[EngineSession]:
-        spec = SessionSpec(voice=agent.voice, prompt=agent.prompt, seed=agent.seed, sampling=agent.sampling)
-        return asyncio.create_task(self.engine.open(spec), name=f"open:{call_id}")
+    def open_engine_session(self, agent: AgentConfig, call: IncomingCall) -> asyncio.Task[EngineSession]:
+        return asyncio.create_task(self._prime(agent, call), name=f"open:{call.call_id}")
+
+    async def _prime(self, agent: AgentConfig, call: IncomingCall) -> EngineSession:
+        """Look the caller up (within the CRM deadline), render the agent's role prompt, prime the session."""
+        try:
+            role = await prepare_role_prompt(
+                agent, call, self.config.crm, self.renderer, self.engine.count_prompt_tokens
+            )
+        except PromptError as exc:  # `duplexgate config check` catches these before calls do
+            log.error("call %s: agent %s has no usable role prompt: %s", call.call_id, agent.name, exc)
+            raise
+        self.role_prompts[call.call_id] = role
+        while len(self.role_prompts) > ROLE_PROMPTS_KEPT:
+            self.role_prompts.popitem(last=False)
+        crm = role.crm.summary() if role.crm is not None else None
+        log.info("call %s: role prompt %d tokens (%s); CRM %s", call.call_id, role.tokens, role.template, crm)
+        if role.degraded:
+            log.warning("call %s: CRM record left out of the prompt: %s", call.call_id, role.degraded)
+        spec = SessionSpec(voice=agent.voice, prompt=role.text, seed=agent.seed, sampling=agent.sampling)
+        return await self.engine.open(spec)
 
     def notice(self, notice: CallNotice) -> None:
         for hook in self.notice_hooks:
@@ -140,6 +164,9 @@ class Gateway:
         self.prepared.discard_all()
         await asyncio.gather(
             *(call.end("server_shutdown") for call in list(self.calls.values())), return_exceptions=True
+        )
+        await asyncio.gather(
+            *(adapter.aclose() for adapter in self.config.crm.values()), return_exceptions=True
         )
 
 
@@ -187,7 +214,10 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
                 agent=agent,
                 caller=fields.get("From"),
                 called=fields.get("To"),
-                engine_session=gateway.open_engine_session(agent, call_id),
+                engine_session=gateway.open_engine_session(
+                    agent,
+                    IncomingCall(call_id, caller=fields.get("From"), called=fields.get("To"), fields=fields),
+                ),
             )
         )
         log.info(
@@ -244,7 +274,10 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent.
         agent = gateway.config.agent_for(started.called)
         log.info("call %s: stream without a token; priming agent %s now", call_id, agent.name)
-        engine_session = gateway.open_engine_session(agent, call_id)
+        incoming = IncomingCall(
+            call_id, caller=started.caller, called=started.called, params=dict(started.custom_parameters)
+        )
+        engine_session = gateway.open_engine_session(agent, incoming)
 
     stream_id = started.stream_id
 

@@ -1,5 +1,6 @@
 """The `duplexgate` command: `serve` runs the gateway with the embedded engine, `call` places a simulated
-Twilio call against a running gateway; the engine adds its own subcommands when `engine.cli` exists.
+Twilio call against a running gateway, `prompt render` and `config check` show and check role prompts; the
+engine adds its own subcommands when `engine.cli` exists.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import inspect
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.prompts import RolePrompt
 
 log = logging.getLogger("duplexgate")
 
@@ -49,6 +55,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     call.add_argument("--tail", type=float, default=1.0, help="seconds of silence sent after the input")
     call.set_defaults(run=_call)
 
+    prompt = commands.add_parser("prompt", help="role prompt tools")
+    prompt_commands = prompt.add_subparsers(dest="prompt_command", required=True)
+    render = prompt_commands.add_parser(
+        "render", help="print an agent's role prompt for a caller (CRM looked up) and its token count"
+    )
+    render.add_argument("--config", help="TOML config file (default: the embedded deploy/example.toml)")
+    render.add_argument("--agent", required=True, help="agent name ([agents.<name>] in the config)")
+    render.add_argument("--caller", help="caller number (From), the usual CRM lookup key")
+    render.add_argument("--called", help="called number (To)")
+    render.add_argument("--call-id", default="CApreview", help="call id (CallSid) the template sees")
+    render.add_argument("--data", help="JSON file holding the CRM record to use instead of looking it up")
+    render.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a custom parameter (repeatable)"
+    )
+    render.set_defaults(run=_prompt_render)
+
+    config_command = commands.add_parser("config", help="configuration tools")
+    config_commands = config_command.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser(
+        "check", help="validate the config and render every template with its sample data; list all problems"
+    )
+    check.add_argument("--config", help="TOML config file (default: the embedded deploy/example.toml)")
+    check.set_defaults(run=_config_check)
+
     if importlib.util.find_spec("engine.cli") is not None:
         importlib.import_module("engine.cli").register(commands)
 
@@ -70,8 +100,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        problems = prompt_problems(config, _token_counter(config))
     except ConfigError as exc:
         print(f"duplexgate: {exc}", file=sys.stderr)
+        return 2
+    if problems:  # a template that cannot render must not meet its first caller
+        for problem in problems:
+            print(f"duplexgate: {problem}", file=sys.stderr)
+        print(
+            "duplexgate: fix the role prompts above (`duplexgate config check` lists them)", file=sys.stderr
+        )
         return 2
     host = args.host or config.server.host
     port = args.port or config.server.port
@@ -132,6 +170,117 @@ def _call(args: argparse.Namespace) -> int:
         )
         return 1
     return 1 if summary.violations else 0
+
+
+def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
+    """Count prompt tokens with the configured checkpoint's tokenizer (no model is loaded)."""
+    from engine.loading import CheckpointError
+    from gateway.config import ConfigError
+    from gateway.prompts import prompt_token_counter
+
+    try:
+        return prompt_token_counter(config.engine.checkpoint)
+    except CheckpointError as exc:
+        raise ConfigError(f"{config.source}: cannot count prompt tokens: {exc}") from None
+
+
+def prompt_problems(config: GatewayConfig, count_tokens: Callable[[str], int]) -> list[str]:
+    """Every role-prompt problem of `config`: template syntax, templates against their sample data, and each
+    agent's prompt with its sample record and without one, within its token budget."""
+    from gateway.prompts import PromptRenderer, check_agent, check_templates
+
+    renderer = PromptRenderer(config.templates_dir)
+    problems = check_templates(renderer)
+    for agent in config.agents.values():
+        problems += check_agent(agent, renderer, count_tokens)
+    return problems
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+        problems = prompt_problems(config, _token_counter(config))
+    except ConfigError as exc:
+        print(f"duplexgate config check: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"problem: {problem}")
+    verdict = f"{len(problems)} problem(s)" if problems else "OK"
+    print(f"{config.source}: {len(config.agents)} agent(s), {len(config.crm)} CRM adapter(s): {verdict}")
+    return 1 if problems else 0
+
+
+def _prompt_render(args: argparse.Namespace) -> int:
+    from crm_adapters.base import CrmResult, IncomingCall
+    from gateway.config import ConfigError, load_config
+    from gateway.prompts import PromptError, PromptRenderer, prepare_role_prompt, render_role_prompt
+
+    try:
+        config = load_config(args.config)
+        count_tokens = _token_counter(config)
+        record = _read_record(args.data) if args.data else None
+        params = dict(_parse_param(spec) for spec in args.param)
+    except (ConfigError, ValueError) as exc:
+        print(f"duplexgate prompt render: {exc}", file=sys.stderr)
+        return 2
+    agent = config.agents.get(args.agent)
+    if agent is None:
+        print(
+            f"duplexgate prompt render: no agent {args.agent!r}; agents: {sorted(config.agents)}",
+            file=sys.stderr,
+        )
+        return 2
+    fields = {"CallSid": args.call_id, "From": args.caller or "", "To": args.called or ""}
+    call = IncomingCall(
+        args.call_id, args.caller, args.called, fields={k: v for k, v in fields.items() if v}, params=params
+    )
+    renderer = PromptRenderer(config.templates_dir)
+
+    async def render() -> RolePrompt:
+        try:
+            if record is not None:
+                crm = CrmResult(args.data, "found", data=record, key=args.caller)
+                return render_role_prompt(agent, call, crm, renderer, count_tokens)
+            return await prepare_role_prompt(agent, call, config.crm, renderer, count_tokens)
+        finally:
+            await asyncio.gather(*(adapter.aclose() for adapter in config.crm.values()))
+
+    try:
+        prompt = asyncio.run(render())
+    except PromptError as exc:
+        print(f"duplexgate prompt render: {exc}", file=sys.stderr)
+        return 1
+    print(prompt.text)
+    crm = prompt.crm
+    looked_up = (
+        f"CRM {crm.adapter}: {crm.status}{f' ({crm.reason})' if crm.reason else ''}" if crm else "no CRM"
+    )
+    source = prompt.template or "inline prompt"
+    print(f"-- {prompt.tokens} tokens of max {agent.max_prompt_tokens}; {source}; {looked_up}")
+    if prompt.degraded:
+        print(f"-- CRM record left out: {prompt.degraded}")
+    return 0
+
+
+def _read_record(path: str) -> dict:
+    """A CRM record from a JSON file (an object of fields)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--data {path}: cannot read JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"--data {path}: expected an object of fields, got {type(record).__name__}")
+    return record
+
+
+def _parse_param(spec: str) -> tuple[str, str]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--param {spec!r}: expected NAME=VALUE")
+    return name, value
 
 
 def _parse_dtmf(spec: str) -> tuple[str, float]:

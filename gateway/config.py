@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
+from gateway.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class ServerSection:
     # Agent audio sent but not yet confirmed played (mark echoes) before the next frame is dropped
     # instead of sent. It includes the network round trip to the carrier: raise it for distant carriers.
     carrier_buffer_s: float = 0.2
+    templates_dir: str = ""  # role-prompt templates; empty: the bundled templates/ (relative: from this file)
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,20 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """One agent a number can be routed to. Later issues add fields here (template, CRM, limits)."""
+    """One agent a number can be routed to: voice, role prompt (inline text, or a template filled per call
+    with CRM data), sampling. `limits` and `escalation` are reserved for the limits issue."""
 
     name: str
     voice: str
-    prompt: str
+    prompt: str = ""  # inline role prompt, the simplest agent
+    template: str = ""  # or a template in the templates directory, rendered for each call
+    vars: Mapping[str, Any] = field(default_factory=dict)  # [agents.<name>.vars]: the template's agent.*
+    crm: CrmBinding | None = None  # [agents.<name>.crm]: adapter, key, deadline_s
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     seed: int | None = None
     sampling: Sampling = Sampling()
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    escalation: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class GatewayConfig:
     numbers: Mapping[str, str] = field(default_factory=dict)  # normalised called number -> agent name
     default_agent: str = ""
     source: str = "<defaults>"
+    crm: Mapping[str, CrmAdapter] = field(default_factory=dict)  # [crm.<name>] adapters, built and checked
+    templates_dir: Path = TEMPLATES_DIR
 
     def agent_for(self, called: str | None) -> AgentConfig:
         """The agent answering calls to `called`; the default agent for unknown or missing numbers."""
@@ -101,7 +113,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
     """Validate an already-parsed TOML document."""
-    _reject_unknown(raw, {"server", "twilio", "engine", "agents", "numbers"}, source, "top level")
+    _reject_unknown(raw, {"server", "twilio", "engine", "crm", "agents", "numbers"}, source, "top level")
     server = _build(ServerSection, raw.get("server", {}), source, "[server]")
     twilio = _build(TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token"})
     engine = _build(EngineSection, raw.get("engine", {}), source, "[engine]")
@@ -116,11 +128,23 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         )
     twilio = dataclasses.replace(twilio, auth_token=token)
 
+    # Paths in the file (templates, CRM files) are relative to the file, wherever the gateway is started.
+    base_dir = Path(source).resolve().parent if Path(source).is_file() else Path.cwd()
+    templates_dir = (
+        base_dir / Path(server.templates_dir).expanduser() if server.templates_dir else TEMPLATES_DIR
+    )
+    adapters: dict[str, CrmAdapter] = {}
+    for name, table in _table(raw.get("crm", {}), source, "[crm]").items():
+        try:
+            adapters[name] = create_adapter(name, table, f"{source}: [crm.{name}]", env, base_dir)
+        except CrmConfigError as exc:
+            raise ConfigError(str(exc)) from None
+
     agents_raw = _table(raw.get("agents", {}), source, "[agents]")
     agents: dict[str, AgentConfig] = {}
     for name, table in agents_raw.items():
         section = f"[agents.{name}]"
-        agents[name] = _build(AgentConfig, _table(table, source, section), source, section, name=name)
+        agents[name] = _agent(name, _table(table, source, section), source, section, adapters, templates_dir)
     if not agents:
         raise ConfigError(f"{source}: no agents; add an [agents.<name>] section with voice and prompt")
 
@@ -146,7 +170,64 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         numbers=numbers,
         default_agent=default_agent,
         source=source,
+        crm=adapters,
+        templates_dir=templates_dir,
     )
+
+
+def _agent(
+    name: str,
+    table: Mapping[str, Any],
+    source: str,
+    section: str,
+    adapters: Mapping[str, CrmAdapter],
+    templates_dir: Path,
+) -> AgentConfig:
+    """One [agents.<name>] table: its sub-tables checked here, the rest by `_build`."""
+    table = dict(table)
+    given: dict[str, Any] = {}
+    for key in ("vars", "limits", "escalation"):  # free-form tables (the last two: the limits issue's)
+        if key in table:
+            given[key] = dict(_table(table.pop(key), source, f"{section[:-1]}.{key}]"))
+    if "crm" in table:
+        given["crm"] = _crm_binding(table.pop("crm"), source, f"{section[:-1]}.crm]", adapters)
+    agent = _build(AgentConfig, table, source, section, name=name, **given)
+    if bool(agent.prompt.strip()) == bool(agent.template):
+        raise ConfigError(
+            f"{source}: {section} needs either prompt (inline text) or template (a file in {templates_dir}), "
+            f"not {'both' if agent.template else 'neither'}"
+        )
+    if agent.template and not (templates_dir / agent.template).is_file():
+        there = sorted(p.name for p in templates_dir.glob("*.j2"))
+        raise ConfigError(
+            f"{source}: {section} template = {agent.template!r} is not in {templates_dir}; "
+            f"templates there: {there}"
+        )
+    if agent.crm is not None and not agent.template:
+        raise ConfigError(f"{source}: {section} has a crm lookup but no template to put the record in")
+    if not 0 < agent.max_prompt_tokens < MODEL_CONTEXT_STEPS:
+        raise ConfigError(
+            f"{source}: {section} max_prompt_tokens = {agent.max_prompt_tokens} should be between 1 and "
+            f"{MODEL_CONTEXT_STEPS - 1} (the model sees only its last {MODEL_CONTEXT_STEPS} steps)"
+        )
+    return agent
+
+
+def _crm_binding(value: Any, source: str, section: str, adapters: Mapping[str, CrmAdapter]) -> CrmBinding:
+    table = dict(_table(value, source, section))
+    binding = _build(CrmBinding, table, source, section)
+    if binding.adapter not in adapters:
+        raise ConfigError(
+            f"{source}: {section} adapter = {binding.adapter!r} is not declared; add a "
+            f"[crm.{binding.adapter}] table (declared: {sorted(adapters)})"
+        )
+    try:
+        check_key_spec(binding.key, f"{source}: {section}")
+    except CrmConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if binding.deadline_s is not None and binding.deadline_s <= 0:
+        raise ConfigError(f"{source}: {section} deadline_s = {binding.deadline_s} must be positive")
+    return binding
 
 
 def _check_public_url(url: str, source: str) -> None:
