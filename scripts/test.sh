@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs on a fresh Debian/Ubuntu machine (system packages only when missing),
+# Installs what the test suite needs on a fresh Debian/Ubuntu machine (system packages only when missing:
+# Redis, PostgreSQL, espeak-ng),
 # then runs the default (fast) suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg_cmd in redis-server:redis-server espeak-ng:espeak-ng sox:sox; do
+for pkg_cmd in redis-server:redis-server espeak-ng:espeak-ng; do
     command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
 done
+# PostgreSQL for the SQL CRM adapter's tests: Debian keeps initdb under /usr/lib/postgresql/*/bin.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need+=(postgresql)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -129,8 +129,9 @@ async def test_stream_token_is_single_use(echo_gateway, tone_wav) -> None:
 
 async def test_stream_token_for_another_call_is_refused(live_gateway, tone_wav) -> None:
     _, params = await fetch_twiml(live_gateway.webhook, voice_form("CA" + "b" * 32), None)
+    # Long enough that the gateway's refusal always lands before the caller would hang up by itself.
     other = await simulate_call(
-        live_gateway.ws_url, tone_wav(440, 0.3), custom_parameters=params, call_sid="CA" + "c" * 32
+        live_gateway.ws_url, tone_wav(440, 3.0), custom_parameters=params, call_sid="CA" + "c" * 32
     )
     assert (other.closed_by, other.close_code, other.media_received) == ("gateway", 1008, 0)
     assert len(live_gateway.state.prepared) == 1  # the real call can still claim its token

@@ -42,9 +42,10 @@ async def test_a_signed_twilio_call_talks_to_the_real_engine(start_gateway, engi
     assert len(calls) == 1
     call = calls[0]
     pushed = call.stats.caller_frames - call.stats.caller_frames_dropped
-    assert pushed >= 25  # ~3 s of speech in 80 ms frames reached the engine
-    # One agent frame per caller frame, bar those still in flight when the caller hung up.
-    assert call.stats.agent_frames >= pushed - 3
+    assert pushed >= 25, call.stats  # ~3 s of speech in 80 ms frames reached the engine
+    # One agent frame per caller frame, bar those still in flight when the caller hung up (a loaded
+    # CI machine may lag a few steps behind the caller).
+    assert pushed - 10 <= call.stats.agent_frames <= pushed, call.stats
     assert summary.media_received >= call.stats.agent_frames // 2
     assert np.abs(summary.heard).max() > 100  # the random model speaks noise, not silence
     # The transcript holds the frames that carried words, stamped on the 80 ms agent clock.
