@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FRAME_BUDGET_S = FRAME_SAMPLES / 24_000  # 80 ms: a step must finish within one frame of audio
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
+STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
 MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped
 
 
@@ -68,8 +69,10 @@ class WorkerSession:
     def __init__(self, worker: EngineWorker, slot: int, seed: int, spec: SessionSpec) -> None:
         self.id = f"s{next(_session_ids)}"
         self.seed, self.slot, self.spec = seed, slot, spec
-        self.prompt_positions = 0
+        self.prompt_positions = 0  # P: positions the prompt took; live frame i runs at position P + i
+        self.text_start = 0  # position of the role prompt's first token
         self._worker = worker
+        self._forced: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[np.ndarray] = collections.deque()
         self._outbox: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
         self._frames_out = 0
@@ -99,6 +102,35 @@ class WorkerSession:
 
     async def close(self) -> None:
         self._finish("closed")
+
+    @property
+    def position(self) -> int:
+        """The model position the next caller frame will be run at."""
+        return self.prompt_positions + self._frames_out + len(self._inbox)
+
+    @property
+    def prompt_horizon_steps(self) -> int:
+        """Steps left before the role prompt's first token leaves the model's attention window (a query
+        at position q sees positions down to q - context + 2); 0 or less once it has started to go."""
+        return self.text_start + self._worker.context - 2 - self.position
+
+    def say(self, text: str) -> int:
+        """Make the agent say `text`: its tokens are forced into the text stream, one per step, words
+        spaced at a speaking pace; the audio follows the text. Returns the steps it will take."""
+        tokens = self._worker.announcement_tokens(text)
+        self._forced.extend(tokens)
+        return len(tokens)
+
+    async def reprime(self, prompt: str) -> None:
+        """Re-anchor a long call: prime this slot afresh with `prompt` (e.g. the role prompt plus what
+        matters from the call so far), keeping the session, its seed and its frame numbering."""
+        if self.closed:
+            raise SessionClosed(f"session {self.id} is closed ({self.close_reason})")
+        text_ids = encode_role_prompt(self._worker.tokenizer, prompt)
+        self._forced.clear()
+        frames_before = self._frames_out
+        await self._worker._run_on_model_thread(self._worker._prime, self, text_ids)
+        self.prompt_positions -= frames_before  # live frame numbering continues across the re-anchor
 
     def _deliver(self, pcm: np.ndarray, token: int) -> None:
         text = "" if token in SILENT_TEXT_IDS else self._worker.piece(token)
@@ -202,6 +234,19 @@ class EngineWorker:
     def active(self) -> int:
         return len(self._sessions)
 
+    @property
+    def context(self) -> int:
+        return self.runner.lm.cfg.context
+
+    def announcement_tokens(self, text: str) -> list[int]:
+        """Text tokens for a forced announcement: each word's pieces, then padding up to a speaking pace
+        of about 2.5 words a second (the audio codebooks follow the text stream on their own)."""
+        tokens: list[int] = []
+        for word in text.split():
+            pieces = self.tokenizer.encode(word)
+            tokens += pieces + [TEXT_PAD] * max(0, STEPS_PER_WORD - len(pieces))
+        return tokens
+
     def piece(self, token: int) -> str:
         return self.tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
 
@@ -221,6 +266,7 @@ class EngineWorker:
         if voice.prefix is None:
             voice.prefix = prefill.prefix
         session.prompt_positions = plan.length
+        session.text_start = plan.voice_positions
 
     def _voice(self, name: str) -> _Voice:
         if name in self._voices:
@@ -232,9 +278,10 @@ class EngineWorker:
             self._voices.popitem(last=False)
         return voice
 
-    def _step(self, pcm: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _step(self, pcm: np.ndarray, active: np.ndarray, forced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         device = self.runner.lm.device
         started = time.perf_counter()
+        self.runner.forced_text.copy_(torch.from_numpy(forced))
         result = self.runner.step(torch.from_numpy(pcm).to(device), torch.from_numpy(active).to(device))
         out_pcm, text = result.pcm.cpu().numpy(), result.tokens[:, 0].cpu().numpy()
         self.stats.record(time.perf_counter() - started)
@@ -259,11 +306,14 @@ class EngineWorker:
                 continue
             pcm = np.zeros((capacity, FRAME_SAMPLES), dtype=np.float32)
             active = np.zeros(capacity, dtype=bool)
+            forced = np.full(capacity, -1, dtype=np.int64)
             for session in ready:
                 pcm[session.slot] = session._inbox.popleft()
                 active[session.slot] = True
+                if session._forced:
+                    forced[session.slot] = session._forced.popleft()
             try:
-                out_pcm, text = await self._run_on_model_thread(self._step, pcm, active)
+                out_pcm, text = await self._run_on_model_thread(self._step, pcm, active, forced)
             except Exception:
                 log.exception("engine step failed; ending the %d sessions in it", len(ready))
                 for session in ready:

@@ -138,3 +138,41 @@ async def test_cancelling_open_while_priming_frees_the_slot(worker):
         await opening
     sessions = [await worker.open(SPEC), await worker.open(SPEC)]  # both slots are free again
     assert {s.slot for s in sessions} == {0, 1}
+
+
+async def test_say_forces_the_announcement_into_the_text_stream(worker):
+    session = await worker.open(SPEC)
+    await talk(session, caller_frames(2))
+    expected = worker.announcement_tokens("let me transfer you")
+    steps = session.say("let me transfer you")
+    assert steps == len(expected) and steps >= 4 * 5  # four words at the speaking pace
+    frames = await talk(session, caller_frames(steps + 1, seed=3))
+    # A token forced at a step is emitted with the next frame.
+    assert [f.token for f in frames[1:]] == expected
+    assert "".join(f.text for f in frames[1:]).split() == ["let", "me", "transfer", "you"]
+
+
+async def test_position_and_prompt_horizon_follow_the_call(worker):
+    session = await worker.open(SPEC)
+    assert session.position == session.prompt_positions == 147
+    first_horizon = session.prompt_horizon_steps
+    assert first_horizon == session.text_start + worker.context - 2 - 147
+    await talk(session, caller_frames(4))
+    assert session.position == 151 and session.prompt_horizon_steps == first_horizon - 4
+
+
+async def test_reprime_re_anchors_a_call_like_a_fresh_session_with_that_prompt(worker):
+    new_prompt = "You work for SwiftPlex Appliances. The caller asked about a leaking dishwasher."
+    later_audio = caller_frames(6, seed=9)
+    session = await worker.open(SPEC)
+    await talk(session, caller_frames(5))
+    await session.reprime(new_prompt)
+    after = await talk(session, later_audio)
+    assert [f.index for f in after] == list(range(5, 11))  # numbering continues
+    fresh = await worker.open(
+        SessionSpec(voice="voice_tiny", prompt=new_prompt, sampling=Sampling(greedy=True))
+    )
+    expected = await talk(fresh, later_audio)
+    assert [f.token for f in after] == [f.token for f in expected]
+    assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(after, expected, strict=True))
+    assert session.position == fresh.position
