@@ -91,6 +91,18 @@ class EngineSession(Protocol):
         """Free the slot now. Idempotent."""
         ...
 
+    # Controls for call limits and escalation.
+    position: int  # model position of the next caller frame (the window holds the last `context`)
+    prompt_horizon_steps: int  # steps before the role prompt starts leaving the model's window
+
+    def say(self, text: str) -> int:
+        """Force `text` into the agent's text stream (an announcement); returns the steps it takes."""
+        ...
+
+    async def reprime(self, prompt: str) -> None:
+        """Re-anchor the session on a fresh prompt (a long call about to lose its role prompt)."""
+        ...
+
 
 class Engine(Protocol):
     """Serves many sessions from one model."""
