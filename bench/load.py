@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.cli import WS_IMPLEMENTATION
+
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_CALLS = 400  # bound: the benchmark refuses to flood the machine beyond this
@@ -178,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     srv = sub.add_parser("serve", help="(internal) run the gateway under test")
     srv.add_argument("--port", type=int, required=True)
-    srv.add_argument("--ws", default="auto")
+    srv.add_argument("--ws", default=WS_IMPLEMENTATION)
     srv.add_argument("--loop", default="auto")
     parser.add_argument("--calls", type=int, nargs="+", default=[10, 50, 100, 150, 200])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each call")
     parser.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
-    parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation")
+    parser.add_argument("--ws", default=WS_IMPLEMENTATION, help="uvicorn WebSocket implementation")
     parser.add_argument(
         "--loop", default="auto", help="uvicorn event loop: auto (uvloop if installed), asyncio"
     )
