@@ -25,6 +25,7 @@ from engine.checkpoint import write_random_checkpoint
 from engine.embedded import build_engine
 from engine.loading import resolve_checkpoint
 from gateway.app import create_app
+from gateway.cli import WS_IMPLEMENTATION
 from gateway.config import EXAMPLE_CONFIG, GatewayConfig, parse_config
 
 TEST_AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -110,7 +111,9 @@ def start_gateway() -> Iterator[Callable[..., LiveGateway]]:
         sock.bind(("127.0.0.1", 0))
         base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         app = create_app(gateway_config(base_url, auth_token, tables, **server), engine)
-        config = uvicorn.Config(app, log_level="warning", ws_max_size=1 << 20, lifespan="on")
+        config = uvicorn.Config(
+            app, log_level="warning", ws=WS_IMPLEMENTATION, ws_max_size=1 << 20, lifespan="on"
+        )
         uv = uvicorn.Server(config)
         thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
