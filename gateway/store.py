@@ -292,9 +292,11 @@ class MemoryStore(CallStore):
         return sorted(records, key=_record_order, reverse=True)[: _page_size(limit)]
 
     def _holders(self, scope: str) -> dict[str, float]:
+        """The scope's unexpired holders; a scope left empty is forgotten, so scopes never pile up."""
         now = time.monotonic()
-        holders = {h: deadline for h, deadline in self._slots.get(scope, {}).items() if deadline > now}
-        self._slots[scope] = holders
+        holders = {h: deadline for h, deadline in self._slots.pop(scope, {}).items() if deadline > now}
+        if holders:
+            self._slots[scope] = holders
         return holders
 
     async def claim_slot(self, scope: str, holder: str, limit: int) -> bool:
@@ -302,10 +304,15 @@ class MemoryStore(CallStore):
         if holder not in holders and len(holders) >= limit:
             return False
         holders[holder] = self._deadline()
+        self._slots[scope] = holders
         return True
 
     async def release_slot(self, scope: str, holder: str) -> bool:
-        return self._holders(scope).pop(holder, None) is not None
+        holders = self._holders(scope)
+        released = holders.pop(holder, None) is not None
+        if not holders:
+            self._slots.pop(scope, None)
+        return released
 
     async def slots_in_use(self, scope: str) -> int:
         return len(self._holders(scope))
@@ -447,7 +454,10 @@ class RedisStore(CallStore):
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise StoreError(f"store url {url!r} should start with redis://, rediss:// or unix://")
-        self.where = f"redis store {parts.hostname or parts.path}:{parts.port or 6379}{parts.path} ({prefix})"
+        server = (
+            parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}{parts.path}"
+        )
+        self.where = f"redis store {server} ({prefix})"  # never the password a URL may hold
         self.prefix = prefix
         self._client = redis.Redis.from_url(url, password=password, decode_responses=True)
         self._ttl_ms = max(1, round(live_ttl_s * 1000))

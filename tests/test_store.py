@@ -180,6 +180,26 @@ async def test_heartbeat_keeps_only_its_replicas_calls_alive(make_store: StoreFa
     assert await store.heartbeat("replica-b") == 0
 
 
+async def test_updates_keep_a_call_alive_past_the_ttl(make_store: StoreFactory) -> None:
+    store = await make_store(live_ttl_s=SHORT_TTL_S)
+    await store.register(live("CA1"))
+    deadline = time.monotonic() + SHORT_TTL_S * 3
+    while time.monotonic() < deadline:
+        await asyncio.sleep(SHORT_TTL_S / 4)
+        assert await store.update("CA1", {"heard_s": round(time.monotonic(), 3)}) is not None
+    assert await store.get_live("CA1") is not None
+
+
+async def test_call_registered_again_by_another_replica_moves_to_it(store: CallStore) -> None:
+    await store.register(live("CA1", "replica-a"))
+    await store.register(live("CA1", "replica-b"))
+    assert await store.heartbeat("replica-a") == 0
+    assert await store.heartbeat("replica-b") == 1
+    async with await store.subscribe("replica-b") as new_owner:
+        assert await store.send_command(CallCommand("CA1", "hangup"))
+        assert await new_owner.next(timeout_s=WAIT_LIMIT_S) == CallCommand("CA1", "hangup")
+
+
 # --- contract: call records -------------------------------------------------------------------------
 
 
