@@ -131,6 +131,10 @@ class Gateway:
         self.renderer = PromptRenderer(config.templates_dir)
         self.role_prompts: OrderedDict[str, RolePrompt] = OrderedDict()  # call id -> its prompt's record
 
+    def role_prompt_text(self, call_id: str) -> str:
+        role = self.role_prompts.get(call_id)
+        return role.text if role is not None else ""
+
     def open_engine_session(self, agent: AgentConfig, call: IncomingCall) -> asyncio.Task[EngineSession]:
         return asyncio.create_task(self._prime(agent, call), name=f"open:{call.call_id}")
 
@@ -269,6 +273,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         started = replace(
             started, caller=started.caller or prepared.caller, called=started.called or prepared.called
         )
+        agent = prepared.agent
         engine_session = prepared.engine_session
     else:
         # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent.
@@ -287,12 +292,19 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         else:
             await websocket.send_text(dialect.render(command, stream_id))  # type: ignore[arg-type]
 
+    try:
+        limits = agent.limits.with_overrides(started.custom_parameters)
+    except ValueError as exc:
+        log.warning("call %s: ignoring bad per-call limits (%s); using agent %s's", call_id, exc, agent.name)
+        limits = agent.limits
     call = CallSession(
         started,
         engine_session,
         send,
         max_ahead_s=gateway.config.server.carrier_buffer_s,
         on_notice=gateway.notice,
+        limits=limits,
+        role_prompt=lambda: gateway.role_prompt_text(call_id),
     )
     if call_id in gateway.calls:
         log.warning("call %s: a second media stream replaces the first", call_id)

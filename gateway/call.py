@@ -38,11 +38,13 @@ from gateway.events import (
     PlayAudio,
     StreamConnected,
 )
+from gateway.limits import CallLimits, LimitEvent, LimitGuard
 
 log = logging.getLogger(__name__)
 
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: one engine step
 MAX_AHEAD_S = 0.2
+REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored prompt
 
 SendCommand = Callable[[OutboundCommand], Awaitable[None]]
 
@@ -59,7 +61,8 @@ class TranscriptPiece:
 class CallNotice:
     """Something that happened on a call, for hooks (escalation, limits, records) to react to."""
 
-    kind: str  # "started", "dtmf", "ended"
+    kind: str  # "started", "dtmf", "ended"; limits: "warning", "max_duration", "silence_timeout",
+    # "context_horizon", "reanchored"
     call_id: str
     at_s: float  # caller audio clock
     detail: str = ""
@@ -92,6 +95,8 @@ class CallSession:
         *,
         max_ahead_s: float = MAX_AHEAD_S,
         on_notice: NoticeHook | None = None,
+        limits: CallLimits | None = None,
+        role_prompt: Callable[[], str] | None = None,
     ) -> None:
         self.call_id = started.call_id
         self.started = started
@@ -111,6 +116,8 @@ class CallSession:
         self._unconfirmed: deque[str] = deque()  # marks sent, not yet echoed, oldest first
         self._cleared: set[str] = set()  # marks pending when we sent a clear: their echo means discarded
         self._ended = asyncio.Event()
+        self._guard = LimitGuard(limits) if limits is not None else None
+        self._role_prompt = role_prompt  # for re-anchoring a long call on its prompt
 
     # --- clocks -------------------------------------------------------------------------------------
 
@@ -224,6 +231,58 @@ class CallSession:
             except SessionClosed:
                 self._spawn_end("engine_lost")
                 return
+            if self._guard is not None:
+                horizon = getattr(self._engine, "prompt_horizon_steps", None)
+                for event in self._guard.on_caller_frame(self.caller_clock_s, frame, horizon):
+                    self._on_limit(event)
+
+    # --- limits -------------------------------------------------------------------------------------
+
+    def _on_limit(self, event: LimitEvent) -> None:
+        """Carry out what a limit asks for; every limit is also a notice (escalation hooks listen)."""
+        limits = self._guard.limits if self._guard is not None else CallLimits()
+        self._notify(event.kind, event.detail)
+        if event.kind == "warning":
+            self._say(limits.wrap_up_line)
+        elif event.kind in ("max_duration", "silence_timeout"):
+            self._spawn_end(event.kind)
+        elif event.kind == "context_horizon":
+            if limits.horizon_action == "wrap_up":
+                self._spawn(self._wrap_up(limits.wrap_up_line), "wrap-up")
+            elif limits.horizon_action == "reanchor":
+                self._spawn(self._reanchor(), "reanchor")
+            # hand_off: the notice above is the escalation trigger; its hooks do the hand-off.
+
+    def _say(self, line: str) -> float:
+        """Make the agent say `line`; returns how long that takes (0 when there is nothing to say)."""
+        if not line or self._engine is None or not hasattr(self._engine, "say"):
+            return 0.0
+        return self._engine.say(line) * FRAME_S
+
+    async def _wrap_up(self, line: str) -> None:
+        # Let the line be spoken and played (what is queued at the carrier included) before hanging up.
+        await asyncio.sleep(self._say(line) + self.max_ahead_s)
+        await self.end("context_horizon")
+
+    async def _reanchor(self) -> None:
+        """Prime a fresh window with the role prompt plus the agent's recent words, so the call keeps its
+        role past the model's 240 s window."""
+        prompt = self._role_prompt() if self._role_prompt is not None else ""
+        said = " ".join(piece.text.strip() for piece in self.transcript[-REANCHOR_PIECES:]).strip()
+        if said:
+            prompt = f"{prompt} Earlier in this call you said: {said}".strip()
+        if not prompt or self._engine is None or not hasattr(self._engine, "reprime"):
+            return
+        await self._engine.reprime(prompt)
+        self._notify("reanchored", f"{len(prompt)} characters")
+        if self._guard is not None:
+            self._guard.rearm("context_horizon")
+
+    def _spawn(self, work: Awaitable[None], what: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(f"{what}:{self.call_id}")
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     # --- engine -> carrier --------------------------------------------------------------------------
 
@@ -299,9 +358,7 @@ class CallSession:
         task.add_done_callback(_close_opened_session)
 
     def _spawn_end(self, reason: str) -> None:
-        task = asyncio.create_task(self.end(reason), name=f"end:{self.call_id}")
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self._spawn(self.end(reason), "end")
 
     def _notify(self, kind: str, detail: str) -> None:
         if self._on_notice is None:

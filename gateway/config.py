@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
+from gateway.limits import CallLimits, parse_limits
 from gateway.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class EngineSection:
 @dataclass(frozen=True)
 class AgentConfig:
     """One agent a number can be routed to: voice, role prompt (inline text, or a template filled per call
-    with CRM data), sampling. `limits` and `escalation` are reserved for the limits issue."""
+    with CRM data), sampling, per-call limits. `escalation` is reserved for the escalation work."""
 
     name: str
     voice: str
@@ -71,7 +72,7 @@ class AgentConfig:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     seed: int | None = None
     sampling: Sampling = Sampling()
-    limits: Mapping[str, Any] = field(default_factory=dict)
+    limits: CallLimits = CallLimits()
     escalation: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -186,9 +187,17 @@ def _agent(
     """One [agents.<name>] table: its sub-tables checked here, the rest by `_build`."""
     table = dict(table)
     given: dict[str, Any] = {}
-    for key in ("vars", "limits", "escalation"):  # free-form tables (the last two: the limits issue's)
+    for key in ("vars", "escalation"):  # free-form tables (escalation: the escalation work's)
         if key in table:
             given[key] = dict(_table(table.pop(key), source, f"{section[:-1]}.{key}]"))
+    if "limits" in table:
+        where = f"{source}: {section[:-1]}.limits]"
+        try:
+            given["limits"] = parse_limits(
+                _table(table.pop("limits"), source, f"{section[:-1]}.limits]"), where
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if "crm" in table:
         given["crm"] = _crm_binding(table.pop("crm"), source, f"{section[:-1]}.crm]", adapters)
     agent = _build(AgentConfig, table, source, section, name=name, **given)

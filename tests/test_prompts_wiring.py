@@ -33,7 +33,7 @@ crm = {{ adapter = "customers", key = "caller" }}
 company = "CitySan Services"
 persona = "Ayelen Lucero"
 [agents.waste.limits]
-max_call_s = 600
+max_duration = 600
 [agents.waste.escalation]
 webhook = "https://example.com/hook"
 """
@@ -57,7 +57,7 @@ def test_template_agent_with_crm_limits_and_escalation_tables_loads(tmp_path: Pa
         "customers",
         "caller",
     )
-    assert agent.vars["persona"] == "Ayelen Lucero" and agent.limits == {"max_call_s": 600}
+    assert agent.vars["persona"] == "Ayelen Lucero" and agent.limits.max_duration == 600
     assert "customers" in config.crm
 
 

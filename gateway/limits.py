@@ -1,0 +1,133 @@
+"""Per-call limits: a hard maximum duration with an optional warning before it, a caller-silence timeout,
+and the context-horizon guard that acts before the role prompt leaves the model's attention window.
+
+All limits are judged on the caller's audio clock (the model is clocked by it, one step per 80 ms frame).
+`LimitGuard.on_caller_frame` returns what is due; the call session carries it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+HORIZON_ACTIONS = ("wrap_up", "reanchor", "hand_off", "none")
+OVERRIDE_PREFIX = "limit_"  # per-call overrides arrive as <Parameter name="limit_max_duration" value="60"/>
+STEP_S = 0.08
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    max_duration: float | None = None  # seconds; the call ends at this caller-clock time
+    warn_before: float | None = None  # seconds before max_duration: a warning event (and the wrap-up line)
+    wrap_up_line: str = ""  # what the agent says at the warning or before a horizon wrap-up
+    silence_timeout: float | None = None  # seconds without caller speech: the call ends
+    silence_dbfs: float = -45.0  # a caller frame quieter than this (RMS, dB full scale) is silence
+    horizon_action: str = (
+        "wrap_up"  # before the role prompt leaves the window: wrap_up | reanchor | hand_off | none
+    )
+    horizon_margin: float = 15.0  # seconds before that point to act
+
+    def with_overrides(self, params: Mapping[str, str]) -> CallLimits:
+        """This agent's limits with the call's own `limit_*` parameters applied (bad values: ValueError)."""
+        table = {k[len(OVERRIDE_PREFIX) :]: v for k, v in params.items() if k.startswith(OVERRIDE_PREFIX)}
+        return parse_limits(table, "call parameters", base=self, from_text=True) if table else self
+
+
+def parse_limits(
+    table: Mapping[str, Any], where: str, base: CallLimits | None = None, from_text: bool = False
+) -> CallLimits:
+    """Build limits from a config table (or call parameters, whose values are text); errors name `where`
+    and the key."""
+    base = base or CallLimits()
+    known = {f.name: f for f in dataclasses.fields(CallLimits)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown limit '{key}' (known: {', '.join(known)})")
+        values[key] = _value(key, raw, where, from_text)
+    limits = dataclasses.replace(base, **values)
+    if limits.horizon_action not in HORIZON_ACTIONS:
+        raise ValueError(
+            f"{where}: horizon_action must be one of {HORIZON_ACTIONS}, not {limits.horizon_action!r}"
+        )
+    if limits.warn_before is not None and limits.max_duration is None:
+        raise ValueError(f"{where}: warn_before needs max_duration")
+    return limits
+
+
+def _value(key: str, raw: Any, where: str, from_text: bool) -> Any:
+    if key in ("wrap_up_line", "horizon_action"):
+        if not isinstance(raw, str):
+            raise ValueError(f"{where}: {key} must be text")
+        return raw
+    if from_text and isinstance(raw, str) and raw.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        number = float(raw) if from_text and isinstance(raw, str) else raw
+    except ValueError:
+        raise ValueError(f"{where}: {key} must be a number of seconds, not {raw!r}") from None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        raise ValueError(f"{where}: {key} must be a number of seconds, not {raw!r}")
+    if key != "silence_dbfs" and number <= 0:
+        raise ValueError(f"{where}: {key} must be positive, not {raw!r}")
+    return float(number)
+
+
+@dataclass(frozen=True)
+class LimitEvent:
+    kind: str  # "warning", "max_duration", "silence_timeout", "context_horizon"
+    at_s: float  # caller clock
+    detail: str = ""
+
+
+class LimitGuard:
+    """Watches one call's limits frame by frame; each event fires once."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self.limits = limits
+        self._fired: set[str] = set()
+        self._last_speech_s = 0.0
+
+    def on_caller_frame(self, clock_s: float, pcm: np.ndarray, horizon_steps: int | None) -> list[LimitEvent]:
+        """`clock_s` is the caller clock after this frame, `pcm` the frame (float, 24 kHz),
+        `horizon_steps` the engine's steps before the role prompt starts leaving its window (None if the
+        engine cannot tell)."""
+        limits, events = self.limits, []
+        if _dbfs(pcm) > limits.silence_dbfs:
+            self._last_speech_s = clock_s
+        if limits.max_duration is not None:
+            if limits.warn_before is not None and clock_s >= limits.max_duration - limits.warn_before:
+                events += self._once("warning", clock_s, f"{limits.max_duration - clock_s:.1f} s left")
+            if clock_s >= limits.max_duration:
+                events += self._once("max_duration", clock_s, f"{limits.max_duration:g} s")
+        if limits.silence_timeout is not None and clock_s - self._last_speech_s >= limits.silence_timeout:
+            events += self._once(
+                "silence_timeout", clock_s, f"caller silent for {limits.silence_timeout:g} s"
+            )
+        if (
+            horizon_steps is not None
+            and limits.horizon_action != "none"
+            and horizon_steps * STEP_S <= limits.horizon_margin
+        ):
+            events += self._once("context_horizon", clock_s, limits.horizon_action)
+        return events
+
+    def rearm(self, kind: str) -> None:
+        """Let an event fire again (after a re-anchor, the horizon moves forward)."""
+        self._fired.discard(kind)
+
+    def _once(self, kind: str, at_s: float, detail: str) -> list[LimitEvent]:
+        if kind in self._fired:
+            return []
+        self._fired.add(kind)
+        return [LimitEvent(kind, round(at_s, 3), detail)]
+
+
+def _dbfs(pcm: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if len(pcm) else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
