@@ -26,6 +26,7 @@ from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.call import CallNotice, CallSession, NoticeHook
 from gateway.config import AgentConfig, GatewayConfig
+from gateway.control import install_control
 from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
 from gateway.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
 from gateway.transports.base import CarrierDialect
@@ -178,6 +179,7 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     """Build the gateway app for `config`, serving calls from `engine` (which the caller owns)."""
     twilio = TwilioDialect(config.twilio.auth_token, config.server.public_url or None)
     gateway = Gateway(config, engine, twilio)
+    control = install_control(gateway)  # call store, records, control API
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -188,11 +190,15 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
                 config.source,
                 config.twilio.auth_token_env,
             )
+        await control.start()
         yield
         await gateway.shutdown()
+        await control.aclose()
 
     app = FastAPI(title="duplexgate", lifespan=lifespan)
     app.state.gateway = gateway
+    app.state.control = control
+    app.include_router(control.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -53,6 +53,18 @@ class TwilioSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    url: str = ""  # empty: in this process's memory (one gateway); "redis://host:6379/0": shared by replicas
+    replica_id: str = ""  # this gateway process's name in the store; empty: <hostname>-<pid>
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    # The control API's bearer key is read from this environment variable; unset: the API answers 503.
+    api_key_env: str = "DUPLEXGATE_API_KEY"
+
+
+@dataclass(frozen=True)
 class EngineSection:
     checkpoint: str = ""  # local directory or hub repo id; empty: the random tiny demo model
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
@@ -87,6 +99,8 @@ class GatewayConfig:
     source: str = "<defaults>"
     crm: Mapping[str, CrmAdapter] = field(default_factory=dict)  # [crm.<name>] adapters, built and checked
     templates_dir: Path = TEMPLATES_DIR
+    store: StoreSection = StoreSection()
+    control: ControlSection = ControlSection()
 
     def agent_for(self, called: str | None) -> AgentConfig:
         """The agent answering calls to `called`; the default agent for unknown or missing numbers."""
@@ -114,10 +128,18 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
     """Validate an already-parsed TOML document."""
-    _reject_unknown(raw, {"server", "twilio", "engine", "crm", "agents", "numbers"}, source, "top level")
+    sections = {"server", "twilio", "engine", "crm", "agents", "numbers", "store", "control"}
+    _reject_unknown(raw, sections, source, "top level")
     server = _build(ServerSection, raw.get("server", {}), source, "[server]")
     twilio = _build(TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token"})
     engine = _build(EngineSection, raw.get("engine", {}), source, "[engine]")
+    store = _build(StoreSection, raw.get("store", {}), source, "[store]")
+    if store.url and urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{source}: [store] url = {store.url!r} should be empty (in memory) or start with redis://, "
+            "rediss:// or unix://"
+        )
+    control = _build(ControlSection, raw.get("control", {}), source, "[control]")
 
     if server.public_url:
         _check_public_url(server.public_url, source)
@@ -173,6 +195,8 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         source=source,
         crm=adapters,
         templates_dir=templates_dir,
+        store=store,
+        control=control,
     )
 
 

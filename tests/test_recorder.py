@@ -1,0 +1,101 @@
+"""Call records from real calls: the simulated Twilio carrier calls a real gateway on the real tiny engine,
+and every call, however it ends, leaves a record in the call store, read back over the control API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from services import free_port
+
+from gateway.simcarrier import simulate_call
+
+API_KEY = "recorder-test-key-0123456789"
+FRAME_CHUNKS = 4  # 20 ms carrier chunks per 80 ms engine frame
+
+
+@pytest.fixture(autouse=True)
+def _control_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUPLEXGATE_API_KEY", API_KEY)
+    torch.set_num_threads(1)
+
+
+async def stored_record(live: Any, call_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The call's record from GET /v1/records/{call_id}, waiting (bounded) for the recorder to store it."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        while True:
+            response = await client.get(f"{live.base_url}/v1/records/{call_id}")
+            if response.status_code == 200 or time.monotonic() > deadline:
+                assert response.status_code == 200, response.text
+                return response.json()
+            await asyncio.sleep(0.05)
+
+
+async def test_a_call_that_ends_normally_leaves_a_full_record(start_gateway, engine, tone_wav) -> None:
+    live = start_gateway(engine)
+    sessions: list[Any] = []
+
+    async def watch() -> None:  # keep the CallSession to compare its transcript with the record's
+        while not sessions:
+            sessions.extend(live.state.calls.values())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(asyncio.wait_for(watch(), 10.0))
+    summary = await simulate_call(None, tone_wav(440, 1.0), webhook=live.webhook, tail_s=0.3)
+    await watcher
+    record = await stored_record(live, summary.call_sid)
+
+    role = live.state.role_prompts[summary.call_sid]
+    agent = live.state.config.agent_for(record["called"])
+    assert record["prompt_sha256"] == hashlib.sha256(role.text.encode()).hexdigest()
+    assert (record["agent"], record["voice"]) == (agent.name, agent.voice)
+    assert (record["caller"], record["called"]) == ("+15550001111", "+15550002222")
+    assert record["crm_status"] == role.crm.status
+    assert isinstance(record["seed"], int)  # drawn by the engine session: the agent sets none
+    assert record["end_reason"] == "carrier_stop"
+    assert record["started_at"] <= record["answered_at"] <= record["ended_at"]
+    assert record["counters"]["caller_frames"] == summary.media_sent // FRAME_CHUNKS
+    assert record["counters"]["agent_frames_sent"] == summary.media_received
+    (call,) = sessions
+    expected = [{"at_s": piece.at_s, "text": piece.text} for piece in call.transcript]
+    assert expected and record["transcript"] == expected
+
+
+async def test_a_call_refused_by_a_busy_engine_leaves_a_record(start_gateway, engine, tone_wav) -> None:
+    engine.admit_fraction = -1.0  # any step time is too slow: every open raises EngineBusy
+    live = start_gateway(engine)
+    summary = await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook)
+    assert summary.closed_by != "carrier" and summary.media_received == 0
+    record = await stored_record(live, summary.call_sid)
+    assert record["end_reason"].startswith("engine_unavailable: EngineBusy")
+    assert record["answered_at"] is None and record["seed"] is None
+    assert record["counters"]["caller_frames"] == record["counters"]["caller_frames_dropped"]
+
+
+async def test_a_carrier_that_vanishes_mid_call_leaves_a_record(start_gateway, engine, tone_wav) -> None:
+    live = start_gateway(engine)
+    summary = await simulate_call(None, tone_wav(440, 3.0), webhook=live.webhook, drop_at_s=0.8)
+    assert summary.closed_by == "carrier"
+    record = await stored_record(live, summary.call_sid)
+    assert record["end_reason"] == "carrier_disconnected"
+    assert record["counters"]["caller_frames"] <= summary.media_sent // FRAME_CHUNKS
+    assert record["ended_at"] - record["started_at"] < 3.0  # ended at the drop, not after the audio
+
+
+async def test_an_unreachable_store_never_breaks_a_call(start_gateway, engine, tone_wav, caplog) -> None:
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    live = start_gateway(engine, tables={"store": {"url": nobody, "replica_id": "lonely"}})
+    summary = await simulate_call(None, tone_wav(440, 1.0), webhook=live.webhook, tail_s=0.3)
+    assert summary.closed_by == "carrier" and summary.media_received > 0 and summary.violations == []
+    assert await live.until(lambda: not live.state.calls and engine.active == 0)
+    assert await live.until(
+        lambda: any(
+            summary.call_sid in r.getMessage() and "call store" in r.getMessage() for r in caplog.records
+        )
+    )
