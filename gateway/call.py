@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.api import FRAME_SAMPLES, SAMPLE_RATE, AgentFrame, EngineSession, SessionClosed
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: one engine step
 MAX_AHEAD_S = 0.2
 REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored prompt
+SPOKEN_WINDOW_CHARS = 300  # the agent's recent words that phrase triggers look at
 
 SendCommand = Callable[[OutboundCommand], Awaitable[None]]
 
@@ -97,6 +99,9 @@ class CallSession:
         on_notice: NoticeHook | None = None,
         limits: CallLimits | None = None,
         role_prompt: Callable[[], str] | None = None,
+        agent: str = "",
+        phrases: Sequence[re.Pattern[str]] = (),
+        escalates: frozenset[str] = frozenset(),
     ) -> None:
         self.call_id = started.call_id
         self.started = started
@@ -118,6 +123,10 @@ class CallSession:
         self._ended = asyncio.Event()
         self._guard = LimitGuard(limits) if limits is not None else None
         self._role_prompt = role_prompt  # for re-anchoring a long call on its prompt
+        self.agent = agent
+        self._phrases = list(phrases)  # patterns in the agent's own words that trigger an escalation
+        self._escalates = escalates  # triggers escalation takes over from their default course
+        self._spoken = ""  # the agent's most recent words, for phrase triggers
 
     # --- clocks -------------------------------------------------------------------------------------
 
@@ -253,9 +262,10 @@ class CallSession:
         limits = self._guard.limits if self._guard is not None else CallLimits()
         self._notify(event.kind, event.detail)
         if event.kind == "warning":
-            self._say(limits.wrap_up_line)
+            self.say(limits.wrap_up_line)
         elif event.kind in ("max_duration", "silence_timeout"):
-            self._spawn_end(event.kind)
+            if event.kind not in self._escalates:  # else the escalation's actions decide how it ends
+                self._spawn_end(event.kind)
         elif event.kind == "context_horizon":
             if limits.horizon_action == "wrap_up":
                 self._spawn(self._wrap_up(limits.wrap_up_line), "wrap-up")
@@ -263,15 +273,17 @@ class CallSession:
                 self._spawn(self._reanchor(), "reanchor")
             # hand_off: the notice above is the escalation trigger; its hooks do the hand-off.
 
-    def _say(self, line: str) -> float:
-        """Make the agent say `line`; returns how long that takes (0 when there is nothing to say)."""
-        if not line or self._engine is None or not hasattr(self._engine, "say"):
+    def say(self, line: str) -> float:
+        """Make the agent say `line`; returns how long that takes (0 when there is nothing to say or no
+        engine session to say it)."""
+        engine = self._engine
+        if not line or engine is None or getattr(engine, "close_reason", None) or not hasattr(engine, "say"):
             return 0.0
-        return self._engine.say(line) * FRAME_S
+        return engine.say(line) * FRAME_S
 
     async def _wrap_up(self, line: str) -> None:
         # Let the line be spoken and played (what is queued at the carrier included) before hanging up.
-        await asyncio.sleep(self._say(line) + self.max_ahead_s)
+        await asyncio.sleep(self.say(line) + self.max_ahead_s)
         await self.end("context_horizon")
 
     async def _reanchor(self) -> None:
@@ -315,21 +327,30 @@ class CallSession:
         if self.ended:  # the call ended while the session was priming
             await self._release_engine()
             return
+        lost = ""
         try:
             async for frame in self._engine.frames():
                 await self._on_agent_frame(frame)
-        except Exception as exc:  # a send to a vanished carrier, or an engine fault
+        except SessionClosed as exc:  # the engine lost the session (a failed step, a dead worker)
+            lost = str(exc)
+        except Exception as exc:  # a send to a vanished carrier
             log.warning("call %s: agent stream failed (%r)", self.call_id, exc)
             await self.end("agent_stream_failed", notify_carrier=False)
             return
         if not self.ended:  # the engine ended the session on its own
-            await self.end("engine_lost")
+            log.warning("call %s: the engine lost the session (%s)", self.call_id, lost or "it ended")
+            if "engine_lost" in self._escalates:  # the escalation's hand-off decides how the call ends
+                self._notify("engine_lost", lost)
+            else:
+                await self.end("engine_lost")
 
     async def _on_agent_frame(self, frame: AgentFrame) -> None:
         at_s = self.agent_clock_s
         self.stats.agent_frames += 1
         if frame.text:
             self.transcript.append(TranscriptPiece(at_s=round(at_s, 3), text=frame.text))
+            if self._phrases:
+                self._watch_phrases(frame.text)
         # Encode every frame, sent or not, so the converter's filter state follows the real timeline.
         payload = self._outbound.encode(frame.pcm)
         if self.carrier_ahead_s > self.max_ahead_s + 1e-9:
@@ -340,6 +361,15 @@ class CallSession:
         await self._send(PlaceMark(name))
         self._unconfirmed.append(name)
         self.stats.agent_frames_sent += 1
+
+    def _watch_phrases(self, text: str) -> None:
+        self._spoken = (self._spoken + text)[-SPOKEN_WINDOW_CHARS:]
+        spoken = " ".join(self._spoken.split())
+        for pattern in self._phrases:
+            if pattern.search(spoken):
+                self._notify("phrase", pattern.pattern)
+                self._phrases = []  # a call escalates once
+                return
 
     def _on_mark(self, name: str) -> None:
         if name in self._cleared:

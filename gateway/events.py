@@ -45,6 +45,7 @@ class CallStarted:
     called: str | None = None  # To, likewise
     custom_parameters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     media_format: MediaFormat = MediaFormat()
+    account_id: str | None = None  # the carrier account of the call (Twilio AccountSid), for call control
 
 
 @dataclass(frozen=True)

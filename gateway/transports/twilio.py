@@ -192,6 +192,50 @@ def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str] | None =
     return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(response, encoding="unicode")
 
 
+def dial_twiml(target: str) -> str:
+    """TwiML that hands the call to a person: `<Dial><Number>` for a number, `<Dial><Sip>` for a SIP URI."""
+    response = ElementTree.Element("Response")
+    dial = ElementTree.SubElement(response, "Dial")
+    kind = "Sip" if target.lower().startswith(("sip:", "sips:")) else "Number"
+    ElementTree.SubElement(dial, kind).text = target
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(response, encoding="unicode")
+
+
+class TwilioCallControl:
+    """Changes a live call through Twilio's REST API (update the call resource): transfer with new TwiML,
+    or hang up. Updating the call ends its `<Connect><Stream>`, so Twilio stops the media stream itself."""
+
+    def __init__(
+        self,
+        auth_token: str | None,
+        account_sid: str | None = None,
+        api_base: str = "https://api.twilio.com",
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.auth_token, self.account_sid = auth_token, account_sid
+        self.api_base, self.timeout_s = api_base.rstrip("/"), timeout_s
+
+    async def transfer(self, call_sid: str, target: str, account_sid: str | None = None) -> None:
+        await self._update(call_sid, {"Twiml": dial_twiml(target)}, account_sid)
+
+    async def hangup(self, call_sid: str, account_sid: str | None = None) -> None:
+        await self._update(call_sid, {"Status": "completed"}, account_sid)
+
+    async def _update(self, call_sid: str, form: dict[str, str], account_sid: str | None) -> None:
+        import httpx
+
+        account = account_sid or self.account_sid
+        if not account or not self.auth_token:
+            raise RuntimeError("Twilio call control needs the account SID and auth token ([twilio] settings)")
+        url = f"{self.api_base}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            reply = await client.post(url, data=form, auth=(account, self.auth_token))
+        if reply.status_code >= 300:
+            raise RuntimeError(
+                f"Twilio refused the call update for {call_sid}: HTTP {reply.status_code} {reply.text[:200]}"
+            )
+
+
 # --- parsing helpers --------------------------------------------------------------------------------
 
 
@@ -249,9 +293,11 @@ def _parse_start(data: dict[str, Any]) -> CallStarted:
     rate, channels = fmt.get("sampleRate", 8000), fmt.get("channels", 1)
     if not isinstance(rate, int) or not isinstance(channels, int) or rate <= 0 or channels != 1:
         raise MalformedMessage(f"start.mediaFormat sampleRate={rate!r} channels={channels!r} unsupported")
+    account = start.get("accountSid")
     return CallStarted(
         call_id=call_id,
         stream_id=stream_id,
+        account_id=account if isinstance(account, str) and account else None,
         custom_parameters=dict(params),
         media_format=MediaFormat(encoding=_ENCODINGS[encoding], sample_rate=rate, channels=channels),
     )

@@ -1,0 +1,151 @@
+"""Escalation: when a call should go to a human, and how.
+
+Triggers are call notices: a DTMF key, a phrase in the agent's own words, a limit (warning, max_duration,
+silence_timeout, context_horizon), the engine losing the session, or the control API. Each trigger maps to
+an ordered list of actions: `announce` (the agent says the configured line, forced into its text stream),
+`webhook` (a call.escalated event), `transfer` (the carrier moves the call to a number or SIP URI) and
+`hangup`. A call escalates once; later triggers are recorded as notices only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+TRIGGERS = (
+    "dtmf",
+    "phrase",
+    "warning",
+    "max_duration",
+    "silence_timeout",
+    "context_horizon",
+    "engine_lost",
+    "api",
+)
+ACTIONS = ("announce", "webhook", "transfer", "hangup")
+TRANSFER_GRACE_S = 5.0  # after asking the carrier to transfer, it stops the stream; end ours if it does not
+
+
+@dataclass(frozen=True)
+class EscalationPolicy:
+    dtmf: str = ""  # keys that ask for a human, e.g. "0" or "0*"
+    phrases: tuple[str, ...] = ()  # regular expressions over the agent's recent words (case-insensitive)
+    announcement: str = ""  # what the agent says before the hand-off
+    transfer_to: str = ""  # E.164 number or sip: URI for `transfer`
+    actions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # trigger -> actions, in order
+
+    def actions_for(self, trigger: str) -> tuple[str, ...]:
+        return self.actions.get(trigger, ())
+
+    @property
+    def handles(self) -> frozenset[str]:
+        """Triggers that escalate instead of taking their default course (a limit ending the call)."""
+        return frozenset(t for t, acts in self.actions.items() if acts)
+
+    def compiled_phrases(self) -> list[re.Pattern[str]]:
+        return [re.compile(p, re.IGNORECASE) for p in self.phrases]
+
+
+def parse_escalation(table: Mapping[str, Any], where: str) -> EscalationPolicy:
+    """An [agents.<name>.escalation] table; errors name `where` and the key."""
+    known = {"dtmf", "phrases", "announcement", "transfer_to", "actions"}
+    for key in table:
+        if key not in known:
+            raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+    text = {k: table.get(k, "") for k in ("dtmf", "announcement", "transfer_to")}
+    for key, value in text.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {key} must be text")
+    phrases = table.get("phrases", [])
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise ValueError(f"{where}: phrases must be a list of regular expressions")
+    for phrase in phrases:
+        try:
+            re.compile(phrase)
+        except re.error as exc:
+            raise ValueError(f"{where}: phrase {phrase!r} is not a regular expression ({exc})") from None
+    actions: dict[str, tuple[str, ...]] = {}
+    raw_actions = table.get("actions", {})
+    if not isinstance(raw_actions, Mapping):
+        raise ValueError(f"{where}: actions must be a table of trigger = [actions]")
+    for trigger, acts in raw_actions.items():
+        if trigger not in TRIGGERS:
+            known_triggers = ", ".join(TRIGGERS)
+            raise ValueError(f"{where}.actions: unknown trigger '{trigger}' (known: {known_triggers})")
+        if not isinstance(acts, list) or any(a not in ACTIONS for a in acts):
+            raise ValueError(f"{where}.actions: {trigger} must be a list of {', '.join(ACTIONS)}")
+        actions[trigger] = tuple(acts)
+    policy = EscalationPolicy(
+        text["dtmf"], tuple(phrases), text["announcement"], text["transfer_to"], actions
+    )
+    if any("transfer" in acts for acts in actions.values()) and not policy.transfer_to:
+        raise ValueError(f"{where}: a transfer action needs transfer_to (a number or sip: URI)")
+    if policy.dtmf and not policy.actions_for("dtmf"):
+        raise ValueError(f"{where}: dtmf = {policy.dtmf!r} but actions.dtmf lists nothing to do")
+    if policy.phrases and not policy.actions_for("phrase"):
+        raise ValueError(f"{where}: phrases are given but actions.phrase lists nothing to do")
+    return policy
+
+
+class EscalatingCall(Protocol):
+    """What escalation needs of a call (CallSession provides it)."""
+
+    call_id: str
+    max_ahead_s: float
+
+    @property
+    def ended(self) -> bool: ...
+
+    def say(self, line: str) -> float: ...
+
+    async def clear_carrier(self) -> None: ...
+
+    async def end(self, reason: str, *, notify_carrier: bool = True) -> None: ...
+
+
+@dataclass
+class EscalationActions:
+    """How actions reach the outside world; the gateway supplies them."""
+
+    transfer: Callable[[EscalatingCall, str], Awaitable[None]]  # (call, target)
+    webhook: Callable[[EscalatingCall, str, str], None]  # (call, trigger, reason): emits call.escalated
+    notify: Callable[[EscalatingCall, str, str], None]  # (call, kind, detail): a call notice
+
+
+async def escalate(
+    call: EscalatingCall, policy: EscalationPolicy, trigger: str, reason: str, actions: EscalationActions
+) -> None:
+    """Carry out the trigger's actions, in order. A failing action is logged and the rest still run;
+    if the call could not be handed off, it is ended rather than left in limbo."""
+    steps = policy.actions_for(trigger)
+    actions.notify(call, "escalated", f"{trigger}: {reason}; actions {','.join(steps) or 'none'}")
+    handed_off = False
+    for action in steps:
+        if call.ended:
+            break
+        try:
+            if action == "announce":
+                await asyncio.sleep(call.say(policy.announcement) + call.max_ahead_s)
+            elif action == "webhook":
+                actions.webhook(call, trigger, reason)
+            elif action == "transfer":
+                await call.clear_carrier()
+                await actions.transfer(call, policy.transfer_to)
+                handed_off = True
+            elif action == "hangup":
+                await call.end(f"escalated_{trigger}")
+        except Exception as exc:
+            log.warning("call %s: escalation action %s failed (%s)", call.call_id, action, exc)
+            actions.notify(call, "escalation_failed", f"{action}: {exc}")
+    if handed_off and not call.ended:
+        # The carrier stops the stream once the transfer takes over; if it does not, let go of the call.
+        await asyncio.sleep(TRANSFER_GRACE_S)
+        await call.end(f"transferred_{trigger}", notify_carrier=False)
+    elif not handed_off and trigger in ("max_duration", "silence_timeout", "engine_lost") and not call.ended:
+        await call.end(trigger)  # a hard limit still ends the call when no one took it over
