@@ -13,7 +13,13 @@ import pytest
 import torch
 from services import free_port
 
+from bench.echo_engine import EchoEngine
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.recorder import CallRecorder
 from gateway.simcarrier import simulate_call
+from gateway.store import LiveCall, MemoryStore
+from gateway.transports.twilio import TwilioDialect
 
 API_KEY = "recorder-test-key-0123456789"
 FRAME_CHUNKS = 4  # 20 ms carrier chunks per 80 ms engine frame
@@ -99,3 +105,17 @@ async def test_an_unreachable_store_never_breaks_a_call(start_gateway, engine, t
             summary.call_sid in r.getMessage() and "call store" in r.getMessage() for r in caplog.records
         )
     )
+
+
+async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_stops() -> None:
+    store = MemoryStore(live_ttl_s=0.3)  # the recorder beats three times inside it
+    gateway = Gateway(load_config(), EchoEngine(), TwilioDialect())
+    recorder = CallRecorder(gateway, store, "replica-hb")
+    await store.register(LiveCall(call_id="CA" + "5" * 32, replica="replica-hb"))
+    await recorder.start()
+    await asyncio.sleep(1.0)  # three TTLs
+    kept = await store.get_live("CA" + "5" * 32)
+    await recorder.aclose()
+    await asyncio.sleep(0.5)
+    assert kept is not None
+    assert await store.get_live("CA" + "5" * 32) is None  # no more beats: it lapses
