@@ -89,11 +89,6 @@ class CallRecorder:
                 )
                 task.cancel()
 
-    async def flush(self) -> None:
-        """Wait until every store write started so far has finished (tests, shutdown)."""
-        while self._pending:
-            await asyncio.gather(*set(self._pending), return_exceptions=True)
-
     # --- notices ------------------------------------------------------------------------------------
 
     def on_notice(self, notice: CallNotice) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -105,6 +106,16 @@ async def test_an_unreachable_store_never_breaks_a_call(start_gateway, engine, t
             summary.call_sid in r.getMessage() and "call store" in r.getMessage() for r in caplog.records
         )
     )
+
+
+async def test_record_hooks_hear_each_record_once_it_is_stored(start_gateway, engine, tone_wav) -> None:
+    live = start_gateway(engine)
+    heard: list[Any] = []
+    live.app.state.control.recorder.record_hooks.append(heard.append)
+    summary = await simulate_call(None, tone_wav(440, 0.4), webhook=live.webhook, tail_s=0.1)
+    stored = await stored_record(live, summary.call_sid)
+    assert await live.until(lambda: len(heard) == 1)
+    assert json.loads(heard[0].to_json()) == stored
 
 
 async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_stops() -> None:
