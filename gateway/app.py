@@ -27,10 +27,17 @@ from engine.api import Engine, EngineSession, SessionSpec
 from gateway.call import CallNotice, CallSession, NoticeHook
 from gateway.config import AgentConfig, GatewayConfig
 from gateway.control import install_control
+from gateway.escalation import EscalationActions, EscalationPolicy, escalate
 from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
 from gateway.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
 from gateway.transports.base import CarrierDialect
-from gateway.transports.twilio import MEDIA_PATH, VOICE_PATH, TwilioDialect, connect_stream_twiml
+from gateway.transports.twilio import (
+    MEDIA_PATH,
+    VOICE_PATH,
+    TwilioCallControl,
+    TwilioDialect,
+    connect_stream_twiml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +138,62 @@ class Gateway:
         self.notice_hooks: list[NoticeHook] = []  # later issues (escalation, records) subscribe here
         self.renderer = PromptRenderer(config.templates_dir)
         self.role_prompts: OrderedDict[str, RolePrompt] = OrderedDict()  # call id -> its prompt's record
+        self.escalated: set[str] = set()  # calls that have escalated (once per call)
+        self._tasks: set[asyncio.Task[None]] = set()
+        twilio = config.twilio
+        self.call_control = TwilioCallControl(twilio.auth_token, twilio.account_sid, twilio.api_base)
+        self.escalation_actions = EscalationActions(
+            transfer=self._transfer, webhook=self._escalation_webhook, notify=self._escalation_notice
+        )
+        self.notice_hooks.append(self._escalation_trigger)
+
+    # --- escalation -----------------------------------------------------------------------------------
+
+    def _escalation_trigger(self, notice: CallNotice) -> None:
+        """Notice hook: start the agent's escalation when a notice is one of its triggers."""
+        call = self.calls.get(notice.call_id)
+        if call is None or call.ended or notice.call_id in self.escalated:
+            return
+        policy = self.config.agents[call.agent].escalation if call.agent in self.config.agents else None
+        if policy is None:
+            return
+        trigger = notice.kind
+        if trigger == "dtmf" and notice.detail not in policy.dtmf:
+            return
+        if trigger == "context_horizon" and notice.detail != "hand_off":
+            return  # wrap_up and reanchor are the limit's own course
+        if policy.actions_for(trigger):
+            self.start_escalation(call, policy, trigger, notice.detail)
+
+    def start_escalation(
+        self, call: CallSession, policy: EscalationPolicy, trigger: str, reason: str
+    ) -> None:
+        self.escalated.add(call.call_id)
+        task = asyncio.create_task(
+            escalate(call, policy, trigger, reason, self.escalation_actions), name=f"escalate:{call.call_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def escalate(self, call_id: str, trigger: str = "api", reason: str = "") -> bool:
+        """Escalate a live call held here (control API); False when it is not here or already escalated."""
+        call = self.calls.get(call_id)
+        if call is None or call.ended or call_id in self.escalated or call.agent not in self.config.agents:
+            return False
+        policy = self.config.agents[call.agent].escalation
+        if not policy.actions_for(trigger):
+            policy = replace(policy, actions={**policy.actions, trigger: ("hangup",)})
+        self.start_escalation(call, policy, trigger, reason)
+        return True
+
+    async def _transfer(self, call: CallSession, target: str) -> None:
+        await self.call_control.transfer(call.call_id, target, account_sid=call.started.account_id)
+
+    def _escalation_notice(self, call: CallSession, kind: str, detail: str) -> None:
+        self.notice(CallNotice(kind, call.call_id, round(call.caller_clock_s, 3), detail))
+
+    def _escalation_webhook(self, call: CallSession, trigger: str, reason: str) -> None:
+        log.info("call %s: escalated (%s: %s); no webhook URL is configured", call.call_id, trigger, reason)
 
     def role_prompt_text(self, call_id: str) -> str:
         role = self.role_prompts.get(call_id)
@@ -311,6 +374,9 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         on_notice=gateway.notice,
         limits=limits,
         role_prompt=lambda: gateway.role_prompt_text(call_id),
+        agent=agent.name,
+        phrases=agent.escalation.compiled_phrases(),
+        escalates=agent.escalation.handles,
     )
     if call_id in gateway.calls:
         log.warning("call %s: a second media stream replaces the first", call_id)

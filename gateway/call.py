@@ -127,6 +127,7 @@ class CallSession:
         self._phrases = list(phrases)  # patterns in the agent's own words that trigger an escalation
         self._escalates = escalates  # triggers escalation takes over from their default course
         self._spoken = ""  # the agent's most recent words, for phrase triggers
+        self._engine_lost = False
 
     # --- clocks -------------------------------------------------------------------------------------
 
@@ -247,8 +248,8 @@ class CallSession:
                 self._first_pushed_frame = self.stats.caller_frames - 1
             try:
                 self._engine.push(frame)
-            except SessionClosed:
-                self._spawn_end("engine_lost")
+            except SessionClosed as exc:
+                self._on_engine_lost(str(exc))
                 return
             if self._guard is not None:
                 horizon = getattr(self._engine, "prompt_horizon_steps", None)
@@ -338,11 +339,19 @@ class CallSession:
             await self.end("agent_stream_failed", notify_carrier=False)
             return
         if not self.ended:  # the engine ended the session on its own
-            log.warning("call %s: the engine lost the session (%s)", self.call_id, lost or "it ended")
-            if "engine_lost" in self._escalates:  # the escalation's hand-off decides how the call ends
-                self._notify("engine_lost", lost)
-            else:
-                await self.end("engine_lost")
+            self._on_engine_lost(lost or "the session ended")
+
+    def _on_engine_lost(self, why: str) -> None:
+        """The engine lost this call's session (seen by the agent stream or by a refused push): once,
+        either hand it to escalation (which decides how the call ends) or end the call."""
+        if self._engine_lost or self.ended:
+            return
+        self._engine_lost = True
+        log.warning("call %s: the engine lost the session (%s)", self.call_id, why)
+        if "engine_lost" in self._escalates:
+            self._notify("engine_lost", why)
+        else:
+            self._spawn_end("engine_lost")
 
     async def _on_agent_frame(self, frame: AgentFrame) -> None:
         at_s = self.agent_clock_s

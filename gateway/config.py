@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
+from gateway.escalation import EscalationPolicy, parse_escalation
 from gateway.limits import CallLimits, parse_limits
 from gateway.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
 
@@ -50,6 +51,9 @@ class ServerSection:
 class TwilioSection:
     auth_token_env: str = "TWILIO_AUTH_TOKEN"
     auth_token: str | None = None  # resolved from the environment, never read from the file
+    account_sid_env: str = "TWILIO_ACCOUNT_SID"  # for call control (transfer); else the stream's accountSid
+    account_sid: str | None = None  # resolved from the environment
+    api_base: str = "https://api.twilio.com"  # Twilio's REST API (call transfer and hang-up)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class EngineSection:
 @dataclass(frozen=True)
 class AgentConfig:
     """One agent a number can be routed to: voice, role prompt (inline text, or a template filled per call
-    with CRM data), sampling, per-call limits. `escalation` is reserved for the escalation work."""
+    with CRM data), sampling, per-call limits and escalation."""
 
     name: str
     voice: str
@@ -85,7 +89,7 @@ class AgentConfig:
     seed: int | None = None
     sampling: Sampling = Sampling()
     limits: CallLimits = CallLimits()
-    escalation: Mapping[str, Any] = field(default_factory=dict)
+    escalation: EscalationPolicy = EscalationPolicy()
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,9 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
     sections = {"server", "twilio", "engine", "crm", "agents", "numbers", "store", "control"}
     _reject_unknown(raw, sections, source, "top level")
     server = _build(ServerSection, raw.get("server", {}), source, "[server]")
-    twilio = _build(TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token"})
+    twilio = _build(
+        TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token", "account_sid"}
+    )
     engine = _build(EngineSection, raw.get("engine", {}), source, "[engine]")
     store = _build(StoreSection, raw.get("store", {}), source, "[store]")
     if store.url and urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
@@ -149,7 +155,9 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
             f"{source}: [server] public_url is required when {twilio.auth_token_env} is set "
             "(Twilio signs the public URL, e.g. https://gw.example.com)"
         )
-    twilio = dataclasses.replace(twilio, auth_token=token)
+    twilio = dataclasses.replace(
+        twilio, auth_token=token, account_sid=env.get(twilio.account_sid_env) or None
+    )
 
     # Paths in the file (templates, CRM files) are relative to the file, wherever the gateway is started.
     base_dir = Path(source).resolve().parent if Path(source).is_file() else Path.cwd()
@@ -211,9 +219,16 @@ def _agent(
     """One [agents.<name>] table: its sub-tables checked here, the rest by `_build`."""
     table = dict(table)
     given: dict[str, Any] = {}
-    for key in ("vars", "escalation"):  # free-form tables (escalation: the escalation work's)
-        if key in table:
-            given[key] = dict(_table(table.pop(key), source, f"{section[:-1]}.{key}]"))
+    if "vars" in table:  # free-form: the template's agent.* values
+        given["vars"] = dict(_table(table.pop("vars"), source, f"{section[:-1]}.vars]"))
+    if "escalation" in table:
+        where = f"{section[:-1]}.escalation]"
+        try:
+            given["escalation"] = parse_escalation(
+                _table(table.pop("escalation"), source, where), f"{source}: {where}"
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if "limits" in table:
         where = f"{source}: {section[:-1]}.limits]"
         try:

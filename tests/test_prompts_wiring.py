@@ -35,7 +35,9 @@ persona = "Ayelen Lucero"
 [agents.waste.limits]
 max_duration = 600
 [agents.waste.escalation]
-webhook = "https://example.com/hook"
+dtmf = "0"
+transfer_to = "+15550009999"
+actions = {{ dtmf = ["announce", "transfer"] }}
 """
 
 
@@ -58,6 +60,7 @@ def test_template_agent_with_crm_limits_and_escalation_tables_loads(tmp_path: Pa
         "caller",
     )
     assert agent.vars["persona"] == "Ayelen Lucero" and agent.limits.max_duration == 600
+    assert agent.escalation.actions_for("dtmf") == ("announce", "transfer")
     assert "customers" in config.crm
 
 
