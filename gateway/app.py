@@ -30,6 +30,7 @@ from gateway.control import install_control
 from gateway.escalation import EscalationActions, EscalationPolicy, escalate
 from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
 from gateway.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
+from gateway.records import CallRecord
 from gateway.transports.base import CarrierDialect
 from gateway.transports.twilio import (
     MEDIA_PATH,
@@ -38,6 +39,7 @@ from gateway.transports.twilio import (
     TwilioDialect,
     connect_stream_twiml,
 )
+from gateway.webhooks import WebhookEvent, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,8 @@ class Gateway:
             transfer=self._transfer, webhook=self._escalation_webhook, notify=self._escalation_notice
         )
         self.notice_hooks.append(self._escalation_trigger)
+        self.webhooks = WebhookSender() if config.webhooks.url else None
+        self.notice_hooks.append(self._publish_notice)
 
     # --- escalation -----------------------------------------------------------------------------------
 
@@ -193,7 +197,32 @@ class Gateway:
         self.notice(CallNotice(kind, call.call_id, round(call.caller_clock_s, 3), detail))
 
     def _escalation_webhook(self, call: CallSession, trigger: str, reason: str) -> None:
-        log.info("call %s: escalated (%s: %s); no webhook URL is configured", call.call_id, trigger, reason)
+        at_s = round(call.caller_clock_s, 3)
+        self.publish("call.escalated", call.call_id, {"trigger": trigger, "reason": reason, "at_s": at_s})
+
+    # --- call events to the business's webhook ---------------------------------------------------------
+
+    def publish(self, kind: str, call_id: str, data: Mapping[str, Any]) -> None:
+        """Queue a signed call event for the configured webhook (never blocks; no URL: nothing to do)."""
+        hooks = self.config.webhooks
+        if self.webhooks is None or hooks.secret is None:
+            return
+        try:
+            self.webhooks.emit(hooks.url, hooks.secret, WebhookEvent.create(kind, call_id, data))
+        except ValueError as exc:  # data that is not plain JSON: a bug here, never the call's problem
+            log.warning("call %s: %s event not sent (%s)", call_id, kind, exc)
+
+    def _publish_notice(self, notice: CallNotice) -> None:
+        call = self.calls.get(notice.call_id)
+        if notice.kind == "started" and call is not None:
+            data = {"caller": call.started.caller, "called": call.started.called, "agent": call.agent}
+            self.publish("call.started", notice.call_id, data)
+        elif notice.kind == "warning":
+            self.publish("call.warning", notice.call_id, {"detail": notice.detail, "at_s": notice.at_s})
+
+    def publish_record(self, record: CallRecord) -> None:
+        """Record hook: the call.ended event carries the whole call record."""
+        self.publish("call.ended", record.call_id, {"record": record.to_dict()})
 
     def role_prompt_text(self, call_id: str) -> str:
         role = self.role_prompts.get(call_id)
@@ -243,6 +272,7 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     twilio = TwilioDialect(config.twilio.auth_token, config.server.public_url or None)
     gateway = Gateway(config, engine, twilio)
     control = install_control(gateway)  # call store, records, control API
+    control.recorder.record_hooks.append(gateway.publish_record)  # call.ended carries the record
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -257,6 +287,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         yield
         await gateway.shutdown()
         await control.aclose()
+        if gateway.webhooks is not None:
+            await gateway.webhooks.aclose()  # bounded: delivers what it can of the last events
 
     app = FastAPI(title="duplexgate", lifespan=lifespan)
     app.state.gateway = gateway

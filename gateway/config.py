@@ -69,6 +69,13 @@ class ControlSection:
 
 
 @dataclass(frozen=True)
+class WebhooksSection:
+    url: str = ""  # where call events (call.started/.warning/.escalated/.ended) are POSTed; empty: none
+    secret_env: str = "DUPLEXGATE_WEBHOOK_SECRET"  # the signing secret is read from this variable
+    secret: str | None = None  # resolved from the environment, never read from the file
+
+
+@dataclass(frozen=True)
 class EngineSection:
     checkpoint: str = ""  # local directory or hub repo id; empty: the random tiny demo model
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
@@ -105,6 +112,7 @@ class GatewayConfig:
     templates_dir: Path = TEMPLATES_DIR
     store: StoreSection = StoreSection()
     control: ControlSection = ControlSection()
+    webhooks: WebhooksSection = WebhooksSection()
 
     def agent_for(self, called: str | None) -> AgentConfig:
         """The agent answering calls to `called`; the default agent for unknown or missing numbers."""
@@ -132,7 +140,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
     """Validate an already-parsed TOML document."""
-    sections = {"server", "twilio", "engine", "crm", "agents", "numbers", "store", "control"}
+    sections = {"server", "twilio", "engine", "crm", "agents", "numbers", "store", "control", "webhooks"}
     _reject_unknown(raw, sections, source, "top level")
     server = _build(ServerSection, raw.get("server", {}), source, "[server]")
     twilio = _build(
@@ -146,6 +154,16 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
             "rediss:// or unix://"
         )
     control = _build(ControlSection, raw.get("control", {}), source, "[control]")
+    webhooks = _build(WebhooksSection, raw.get("webhooks", {}), source, "[webhooks]", skip={"secret"})
+    if webhooks.url:
+        if urlsplit(webhooks.url).scheme not in ("http", "https"):
+            raise ConfigError(f"{source}: [webhooks] url = {webhooks.url!r} should be an http(s) URL")
+        if not env.get(webhooks.secret_env):
+            raise ConfigError(
+                f"{source}: [webhooks] url is set but {webhooks.secret_env} is not: webhooks are always "
+                "signed; export the secret your receiver verifies with"
+            )
+        webhooks = dataclasses.replace(webhooks, secret=env[webhooks.secret_env])
 
     if server.public_url:
         _check_public_url(server.public_url, source)
@@ -205,6 +223,7 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         templates_dir=templates_dir,
         store=store,
         control=control,
+        webhooks=webhooks,
     )
 
 

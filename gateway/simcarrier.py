@@ -412,6 +412,11 @@ class _CallRun:
             except TimeoutError:
                 pass
         except ConnectionClosed:
+            # A send found the socket closed under us: the gateway ended the call (the receiver, which
+            # would say so too, may not have seen the close yet when it is cancelled).
+            if not self.s.closed_by:
+                self.s.closed_by = "gateway"
+                self.s.close_code = self.ws.close_code
             return
 
     async def _scheduled(self, _at: float, kind: str, what: str | bytes) -> None:

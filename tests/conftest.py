@@ -85,15 +85,22 @@ class LiveGateway:
 
 
 def gateway_config(
-    public_url: str, auth_token: str | None = None, tables: dict[str, Any] | None = None, **server: Any
+    public_url: str,
+    auth_token: str | None = None,
+    tables: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    **server: Any,
 ) -> GatewayConfig:
     """The example config with this server's public URL filled in, optionally an auth token, whole
-    top-level tables replaced (`tables={"agents": ..., "numbers": ...}`) and [server] keys overridden."""
+    top-level tables replaced (`tables={"agents": ..., "numbers": ...}`), environment variables the config
+    reads (`env`) and [server] keys overridden."""
     with EXAMPLE_CONFIG.open("rb") as fh:
         raw = tomllib.load(fh)
     raw.update(tables or {})
     raw["server"].update(public_url=public_url, **server)
-    env = {raw["twilio"]["auth_token_env"]: auth_token} if auth_token else {}
+    env = dict(env or {})
+    if auth_token:
+        env[raw["twilio"].get("auth_token_env", "TWILIO_AUTH_TOKEN")] = auth_token
     return parse_config(raw, source=str(EXAMPLE_CONFIG), env=env)
 
 
@@ -104,13 +111,17 @@ def start_gateway() -> Iterator[Callable[..., LiveGateway]]:
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
     def start(
-        engine: Any, auth_token: str | None = None, tables: dict[str, Any] | None = None, **server: Any
+        engine: Any,
+        auth_token: str | None = None,
+        tables: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        **server: Any,
     ) -> LiveGateway:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        app = create_app(gateway_config(base_url, auth_token, tables, **server), engine)
+        app = create_app(gateway_config(base_url, auth_token, tables, env, **server), engine)
         config = uvicorn.Config(
             app, log_level="warning", ws=WS_IMPLEMENTATION, ws_max_size=1 << 20, lifespan="on"
         )
