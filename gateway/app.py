@@ -11,10 +11,11 @@ import asyncio
 import hmac
 import logging
 import secrets
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -60,6 +61,7 @@ class PreparedCall:
     called: str | None
     engine_session: asyncio.Task[EngineSession]
     expiry: asyncio.TimerHandle | None = None
+    received_at: float = field(default_factory=time.time)  # when the voice webhook announced it
 
 
 class PreparedCalls:
@@ -68,6 +70,7 @@ class PreparedCalls:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._by_call: dict[str, PreparedCall] = {}
+        self.on_expire: Callable[[PreparedCall], None] | None = None  # the recorder keeps its record
 
     def __len__(self) -> int:
         return len(self._by_call)
@@ -106,6 +109,8 @@ class PreparedCalls:
                 self.ttl_s,
             )
             _discard(call)
+            if self.on_expire is not None:
+                self.on_expire(call)
 
 
 def _discard(call: PreparedCall) -> None:
@@ -273,6 +278,7 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     gateway = Gateway(config, engine, twilio)
     control = install_control(gateway)  # call store, records, control API
     control.recorder.record_hooks.append(gateway.publish_record)  # call.ended carries the record
+    gateway.prepared.on_expire = control.recorder.record_unstreamed  # every call gets a record
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -146,6 +146,25 @@ class CallRecorder:
             except Exception:
                 log.exception("call %s: record hook %r failed", record.call_id, hook)
 
+    def record_unstreamed(self, prepared: Any) -> None:
+        """A call the voice webhook announced whose media stream never came (a PreparedCall that expired):
+        it still gets a record, so no call goes unaccounted for."""
+        agent, role = prepared.agent, self.gateway.role_prompts.get(prepared.call_id)
+        record = CallRecord(
+            call_id=prepared.call_id,
+            started_at=prepared.received_at,
+            caller=prepared.caller,
+            called=prepared.called,
+            agent=agent.name,
+            prompt_sha256=hashlib.sha256(role.text.encode()).hexdigest() if role is not None else "",
+            voice=agent.voice,
+            seed=agent.seed,
+            ended_at=time.time(),
+            end_reason="no_media_stream",
+            crm_status=role.crm.status if role is not None and role.crm is not None else None,
+        )
+        self._then(prepared.call_id, self._finish(record), "store the call record")
+
     # --- records ------------------------------------------------------------------------------------
 
     def build_record(

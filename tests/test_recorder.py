@@ -130,3 +130,15 @@ async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_
     await asyncio.sleep(0.5)
     assert kept is not None
     assert await store.get_live("CA" + "5" * 32) is None  # no more beats: it lapses
+
+
+async def test_a_call_whose_media_stream_never_comes_still_leaves_a_record(start_gateway, engine) -> None:
+    from gateway.simcarrier import fetch_twiml
+
+    live = start_gateway(engine, call_token_ttl_s=0.3)
+    sid = "CA" + "6" * 32
+    form = {"CallSid": sid, "From": "+15550001111", "To": "+15551230000", "AccountSid": "AC" + "0" * 32}
+    await fetch_twiml(live.webhook, form, None)
+    record = await stored_record(live, sid)
+    assert record["end_reason"] == "no_media_stream" and record["caller"] == "+15550001111"
+    assert record["answered_at"] is None and record["agent"] == "receptionist"
