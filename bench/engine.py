@@ -8,7 +8,6 @@ Run `python bench/engine.py` (tiny random checkpoint on CPU, about a minute on o
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import shlex
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.api import Sampling  # noqa: E402
-from engine.checkpoint import load_models, write_random_checkpoint  # noqa: E402
+from engine.checkpoint import load_models, randomise, write_random_checkpoint  # noqa: E402
 from engine.config import FRAME_SAMPLES, ModelConfig  # noqa: E402
 from engine.embedded import slot_count  # noqa: E402
 from engine.loading import resolve_checkpoint  # noqa: E402
@@ -67,32 +66,6 @@ def random_models(cfg: ModelConfig, device: torch.device) -> tuple[LMModel, Mimi
         if isinstance(module, Codebook):
             module.refresh()  # the codebook vectors are derived from the statistics just drawn
     return lm.eval(), mimi.eval()
-
-
-@torch.no_grad()
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Fill every checkpoint tensor in place, on its own device: unit norms, zero biases, LayerScale 0.1,
-    unit codebook usage, and 1/sqrt(fan_in)-scaled normals for matrices, so activations stay in range."""
-    device = next(module.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("alpha", "weight") and "norm" in name:
-            tensor.fill_(1.0)
-        elif leaf == "bias":
-            tensor.zero_()
-        elif leaf == "scale":
-            tensor.fill_(0.1)
-        elif leaf in ("cluster_usage", "_initialized"):
-            tensor.fill_(1.0)
-        elif leaf == "embedding_sum":
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, device=device))
-        elif tensor.dim() >= 2:
-            fan_in = math.prod(tensor.shape[1:])
-            noise = torch.randn(tensor.shape, generator=generator, device=device)
-            tensor.copy_(noise.div_(math.sqrt(fan_in)))
-        else:
-            raise ValueError(f"bench randomise: no init rule for checkpoint tensor '{name}'; add one")
 
 
 # ---- workload -------------------------------------------------------------------------------------------

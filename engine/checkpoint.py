@@ -90,10 +90,9 @@ def write_random_checkpoint(directory: str | Path, size: str = "tiny", seed: int
     tokenizer_path = out / TEXT_TOKENIZER_FILE
     text_card = _train_tokenizer(tokenizer_path)
     cfg = tiny_config(text_card)
-    generator = torch.Generator().manual_seed(seed)
     lm, mimi = LMModel(cfg.lm), Mimi(cfg.mimi)
-    _randomise(lm, generator)
-    _randomise(mimi, generator)
+    randomise(lm, seed)
+    randomise(mimi, seed + 1)
     lm = lm.to(torch.bfloat16)
     from safetensors.torch import save_file
 
@@ -104,24 +103,30 @@ def write_random_checkpoint(directory: str | Path, size: str = "tiny", seed: int
     return out
 
 
-def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Scaled normal weights (1/sqrt(fan_in)), unit norms, well-conditioned codebooks."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("alpha", "weight") and "norm" in name:
-                tensor.fill_(1.0)
-            elif leaf == "bias":
-                tensor.zero_()
-            elif leaf == "scale":  # LayerScale
-                tensor.fill_(0.1)
-            elif leaf == "cluster_usage" or leaf == "_initialized":
-                tensor.fill_(1.0)
-            elif leaf == "embedding_sum":
-                tensor.copy_(torch.randn(tensor.shape, generator=generator))
-            elif tensor.dim() >= 2:
-                fan_in = math.prod(tensor.shape[1:])
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
+@torch.no_grad()
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Fill every checkpoint tensor in place, on its own device: unit norms, zero biases, LayerScale 0.1,
+    unit codebook usage, and 1/sqrt(fan_in)-scaled normals for matrices, so activations stay in range."""
+    device = next(module.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("alpha", "weight") and "norm" in name:
+            tensor.fill_(1.0)
+        elif leaf == "bias":
+            tensor.zero_()
+        elif leaf == "scale":  # LayerScale
+            tensor.fill_(0.1)
+        elif leaf in ("cluster_usage", "_initialized"):
+            tensor.fill_(1.0)
+        elif leaf == "embedding_sum":
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, device=device))
+        elif tensor.dim() >= 2:
+            fan_in = math.prod(tensor.shape[1:])
+            noise = torch.randn(tensor.shape, generator=generator, device=device)
+            tensor.copy_(noise.div_(math.sqrt(fan_in)))
+        else:
+            raise ValueError(f"randomise: no init rule for checkpoint tensor '{name}'; add one")
 
 
 _TOKENIZER_TEXT = """\

@@ -99,14 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.config import ConfigError, load_config
 
-    try:
-        config = load_config(args.config)
-        problems = prompt_problems(config, _token_counter(config))
-    except ConfigError as exc:
-        print(f"duplexgate: {exc}", file=sys.stderr)
-        return 2
+    loaded = _checked_config(args.config, "duplexgate")
+    if isinstance(loaded, int):
+        return loaded
+    config, problems = loaded
     if problems:  # a template that cannot render must not meet its first caller
         for problem in problems:
             print(f"duplexgate: {problem}", file=sys.stderr)
@@ -205,15 +202,23 @@ def prompt_problems(config: GatewayConfig, count_tokens: Callable[[str], int]) -
     return problems
 
 
-def _config_check(args: argparse.Namespace) -> int:
+def _checked_config(path: str | None, command: str) -> tuple[GatewayConfig, list[str]] | int:
+    """The config and its role-prompt problems, or exit status 2 after printing why it cannot load."""
     from gateway.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
-        problems = prompt_problems(config, _token_counter(config))
+        config = load_config(path)
+        return config, prompt_problems(config, _token_counter(config))
     except ConfigError as exc:
-        print(f"duplexgate config check: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    loaded = _checked_config(args.config, "duplexgate config check")
+    if isinstance(loaded, int):
+        return loaded
+    config, problems = loaded
     for problem in problems:
         print(f"problem: {problem}")
     verdict = f"{len(problems)} problem(s)" if problems else "OK"

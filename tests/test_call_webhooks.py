@@ -8,8 +8,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
+from callaudio import speech_like
 
 from gateway.config import ConfigError
 from gateway.simcarrier import simulate_call
@@ -47,11 +47,6 @@ def receiver():
     r = Receiver()
     yield r
     r.server.shutdown()
-
-
-def speech_like(seconds: float) -> np.ndarray:
-    t = np.arange(int(seconds * 8000)) / 8000
-    return (6000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
 
 
 def tables(url: str, **agent_extra) -> dict:

@@ -8,8 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
-import numpy as np
 import pytest
+from callaudio import speech_like
 from conftest import TEST_AUTH_TOKEN
 
 from gateway import escalation
@@ -67,11 +67,6 @@ def tables(api_url: str, limits: dict | None = None, **policy) -> dict:
         "numbers": {"default": "helper"},
         "twilio": {"auth_token_env": "TWILIO_AUTH_TOKEN", "api_base": api_url},
     }
-
-
-def speech_like(seconds: float) -> np.ndarray:
-    t = np.arange(int(seconds * 8000)) / 8000
-    return (6000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
 
 
 def notices_of(live) -> list:

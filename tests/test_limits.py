@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from callaudio import speech_like
 
 from gateway.limits import CallLimits, LimitGuard, parse_limits
 from gateway.simcarrier import simulate_call
@@ -73,12 +74,6 @@ def test_bad_limits_are_errors_naming_where_and_the_key(table, message):
 def agent_tables(**limits) -> dict:
     agent = {"voice": "demo", "prompt": "You are a helpful assistant for SwiftPlex.", "limits": limits}
     return {"agents": {"helper": agent}, "numbers": {"default": "helper"}}
-
-
-def speech_like(seconds: float) -> np.ndarray:
-    """8 kHz int16 tone bursts: loud enough to count as the caller speaking."""
-    t = np.arange(int(seconds * 8000)) / 8000
-    return (6000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
 
 
 def record_notices(live) -> list:
