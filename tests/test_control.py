@@ -104,7 +104,7 @@ async def test_hangup_over_http_ends_the_live_call(start_gateway, engine, tone_w
             lambda: client.get(f"{live.base_url}/v1/records/{call_sid}"), lambda r: r.is_success
         )
     # The gateway closed the stream ("" when that close met the caller mid-send) long before 4 s (200 chunks).
-    assert summary.closed_by != "carrier" and summary.media_sent < 150
+    assert summary.closed_by == "gateway" and summary.media_sent < 150
     assert record.json()["end_reason"] == "api_hangup"
 
 
@@ -173,6 +173,6 @@ async def test_hangup_sent_to_one_replica_ends_a_call_held_by_another(
             lambda: client.get(f"{replica_a.base_url}/v1/records/{call_sid}"), lambda r: r.is_success
         )
     # The gateway closed the stream ("" when that close met the caller mid-send) long before 4 s (200 chunks).
-    assert summary.closed_by != "carrier" and summary.media_sent < 150
+    assert summary.closed_by == "gateway" and summary.media_sent < 150
     assert record.json()["end_reason"] == "api_hangup"
     assert replica_a.state.calls == {}  # A never held it

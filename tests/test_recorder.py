@@ -78,7 +78,7 @@ async def test_a_call_refused_by_a_busy_engine_leaves_a_record(start_gateway, en
     engine.admit_fraction = -1.0  # any step time is too slow: every open raises EngineBusy
     live = start_gateway(engine)
     summary = await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook)
-    assert summary.closed_by != "carrier" and summary.media_received == 0
+    assert summary.closed_by == "gateway" and summary.media_received == 0
     record = await stored_record(live, summary.call_sid)
     assert record["end_reason"].startswith("engine_unavailable: EngineBusy")
     assert record["answered_at"] is None and record["seed"] is None
