@@ -40,7 +40,6 @@ MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond thi
 @dataclass
 class WorkerStats:
     capacity: int
-    active: int = 0
     steps: int = 0
     last_step_s: float = 0.0
     recent_step_s: float = 0.0  # 90th percentile of the recent window: what admission decides on
@@ -197,14 +196,14 @@ class EngineWorker:
         session = WorkerSession(self, slot, seed, spec)
         try:
             await self._run_on_model_thread(self._prime, session, text_ids)
-        except CheckpointError as exc:  # an unknown or broken voice prompt
-            self._free.append(slot)
-            raise EngineError(str(exc)) from exc
-        except BaseException:  # cancelled too (the caller hung up while we primed): the slot is free again;
-            self._free.append(slot)  # a later prefill of it runs after this one on the model thread
+        except BaseException as exc:  # cancelled too (the caller hung up while we primed): the slot is
+            self._free.append(
+                slot
+            )  # free again; a later prefill of it runs after this one on the model thread
+            if isinstance(exc, CheckpointError):  # an unknown or broken voice prompt
+                raise EngineError(str(exc)) from exc
             raise
         self._sessions[slot] = session
-        self.stats.active = len(self._sessions)
         return session
 
     def shutdown(self) -> None:
@@ -216,15 +215,13 @@ class EngineWorker:
 
     async def aclose(self) -> None:
         self._closing = True
-        for session in list(self._sessions.values()):
-            session._finish("engine_closed")
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        self.shutdown()
 
     @property
     def capacity(self) -> int:
@@ -329,4 +326,3 @@ class EngineWorker:
         if self._sessions.get(session.slot) is session:
             del self._sessions[session.slot]
             self._free.append(session.slot)  # the next prefill resets the slot on the model thread
-            self.stats.active = len(self._sessions)

@@ -77,7 +77,7 @@ async def test_open_is_refused_when_every_slot_is_taken_and_close_frees_one(work
 async def test_unknown_voice_is_an_error_naming_the_voices(worker):
     with pytest.raises(EngineError, match="voice_tiny"):
         await worker.open(SessionSpec(voice="NOPE", prompt="hi"))
-    assert worker.stats.active == 0 and len(worker._free) == 2
+    assert worker.active == 0 and len(worker._free) == 2
 
 
 async def test_prompt_longer_than_the_context_is_refused(worker):
