@@ -7,6 +7,7 @@ exactly one 80 ms agent frame (PCM plus the text piece of that step) comes out, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,7 @@ from engine.config import FRAME_SAMPLES, SAMPLE_RATE
 
 __all__ = [
     "FRAME_SAMPLES",
+    "MAX_TOP_K",
     "SAMPLE_RATE",
     "AgentFrame",
     "Engine",
@@ -41,15 +43,28 @@ class SessionClosed(EngineError):
     """The session was closed (by the caller or because the engine lost it)."""
 
 
+MAX_TOP_K = 256  # every step keeps this many candidates per token, whatever its sessions ask for
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings; defaults are the published server's."""
+    """Sampling settings; defaults are the published server's. A temperature of 0 samples greedily."""
 
     greedy: bool = False
     temp_audio: float = 0.8
     temp_text: float = 0.7
     topk_audio: int = 250
     topk_text: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("temp_audio", "temp_text"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"sampling {name} must be a finite number >= 0, got {value!r}")
+        for name in ("topk_audio", "topk_text"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and 1 <= value <= MAX_TOP_K):
+                raise ValueError(f"sampling {name} must be an integer from 1 to {MAX_TOP_K}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from engine.api import EngineError
 from engine.checkpoint import NOISE_NOTICE, load_models, write_random_checkpoint
 from engine.loading import (
     DEFAULT_HF_REPO,
@@ -35,6 +36,7 @@ GPU_RESERVE_BYTES = 4 << 30  # CUDA context, cuBLAS workspace, graphs and activa
 class EngineSettings(Protocol):
     checkpoint: str  # local directory, hub repo id, or "" for the random demo model
     device: str  # "cuda", "cuda:1", "cpu", or "" to pick
+    cuda_graphs: bool  # on CUDA, replay each step size from a CUDA graph
 
 
 def home_dir() -> Path:
@@ -69,11 +71,15 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
         notice = NOISE_NOTICE
         banner = "!" * 100
         log.warning("%s\n%s\n(set [engine] checkpoint in the config)\n%s", banner, notice.upper(), banner)
-    return build_engine(files, device, notice=notice)
+    return build_engine(files, device, notice=notice, cuda_graphs=settings.cuda_graphs)
 
 
 def build_engine(
-    files: CheckpointFiles, device: torch.device, capacity: int | None = None, notice: str | None = None
+    files: CheckpointFiles,
+    device: torch.device,
+    capacity: int | None = None,
+    notice: str | None = None,
+    cuda_graphs: bool = True,
 ) -> EngineWorker:
     cfg = files.model_config()
     tokenizer = load_text_tokenizer(files.tokenizer)
@@ -86,7 +92,22 @@ def build_engine(
     capacity = capacity or slot_count(device, lm)
     runner = BatchRunner(lm, mimi, capacity)
     runner.warmup()
-    log.info("engine on %s: %d slots (context %d steps)", device, capacity, cfg.lm.context)
+    if device.type == "cuda" and cuda_graphs:
+        try:
+            runner.capture_graphs()
+        except RuntimeError as exc:
+            raise EngineError(
+                f"capturing the engine step as CUDA graphs failed on {device} ({exc}); set "
+                "[engine] cuda_graphs = false to run it eagerly (slower), and please report it"
+            ) from exc
+    log.info(
+        "engine on %s: %d slots (context %d steps), step sizes %s%s",
+        device,
+        capacity,
+        cfg.lm.context,
+        runner.step_sizes,
+        ", CUDA graphs" if runner.graphed else "",
+    )
     return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice)
 
 

@@ -62,7 +62,7 @@ def run_offline(
     padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
     padded[: len(pcm)] = pcm
     chunks = torch.from_numpy(padded).view(frames, 1, FRAME_SAMPLES).to(lm.device)
-    active = torch.ones(1, dtype=torch.bool, device=lm.device)
+    active = torch.ones(1, dtype=torch.bool)
     audio, rows = [prefill.first_pcm.cpu()], [torch.tensor(prompt_frame_tokens())]
     # Output frame i answers input frame i-1, so the last input frame is never needed.
     for i in range(frames - 1):

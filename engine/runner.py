@@ -10,6 +10,11 @@ and emits frame n-1; the caller frame it receives at step n is not used by that 
 run position n as soon as caller frame n arrives and emit frame n at once — the same tokens as the
 reference, 80 ms earlier. The reference's first live output (the last prompt frame, constant silence) is
 decoded during the prefill so the Mimi decoder state matches.
+
+Step sizes: a step runs slots [0, n) for the smallest n in (1, 2, 4, ..., capacity) that covers every
+active slot, and the worker hands out the lowest free slot, so a lightly loaded engine does light work.
+Each size has fixed shapes and reads its inputs from the runner's own buffers, so on CUDA each is recorded
+once as a CUDA graph and a step is a single launch.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.api import Sampling
+from engine.api import MAX_TOP_K, Sampling
+from engine.config import FRAME_SAMPLES
+from engine.model.layers import KVRing
 from engine.model.lm import LMModel
-from engine.model.mimi import Mimi
+from engine.model.mimi import Mimi, MimiState
 from engine.model.sampling import SamplingParams
 from engine.prompt import (
     SILENCE_TOKENS,
@@ -51,8 +58,31 @@ class Prefill:
 
 @dataclass
 class StepResult:
-    pcm: torch.Tensor  # float32 [B, 1920] agent audio of the emitted frame
-    tokens: torch.Tensor  # int64 [B, 17] frame tokens: text, agent cb0..7, user cb0..7
+    pcm: torch.Tensor  # float32 [n, 1920] agent audio of the emitted frame, for slots [0, n)
+    tokens: torch.Tensor  # int64 [n, 17] frame tokens: text, agent cb0..7, user cb0..7
+
+
+@dataclass
+class SlotRows:
+    """Views of slots [0, count) of every per-slot tensor of a runner, and of its input buffers: a step
+    over them touches no other slot, and its tensors never move (a CUDA graph reads them in place)."""
+
+    count: int
+    kv: KVRing
+    codec: MimiState
+    next_position: torch.Tensor
+    pending: torch.Tensor
+    user_delayed: torch.Tensor
+    forced_text: torch.Tensor
+    text_params: SamplingParams
+    audio_params: SamplingParams
+    pcm_in: torch.Tensor  # float32 [count, 1920]: the caller frame of each slot
+    active_in: torch.Tensor  # bool [count]: which slots have one
+
+
+def step_sizes(capacity: int) -> list[int]:
+    """1, 2, 4, ... below the capacity, then the capacity."""
+    return [1 << i for i in range((capacity - 1).bit_length())] + [capacity]
 
 
 class BatchRunner:
@@ -69,7 +99,27 @@ class BatchRunner:
         self.forced_text = torch.full((capacity,), -1, **long)
         self.text_params = _params(capacity, device)
         self.audio_params = _params(capacity, device)
+        self._pcm_in = torch.zeros(capacity, FRAME_SAMPLES, device=device)
+        self._active_in = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.step_sizes = step_sizes(capacity)
+        self._rows = {count: self._slot_rows(count) for count in self.step_sizes}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepResult]] = {}
         self._primed_codec, self._primer_pcm = self._prime_codec()
+
+    def _slot_rows(self, count: int) -> SlotRows:
+        return SlotRows(
+            count,
+            self.kv.rows(0, count),
+            self.mimi_state.rows(0, count),
+            self.next_position[:count],
+            self.pending[:count],
+            self.user_delayed[:count],
+            self.forced_text[:count],
+            self.text_params.rows(0, count),
+            self.audio_params.rows(0, count),
+            self._pcm_in[:count],
+            self._active_in[:count],
+        )
 
     @torch.inference_mode()
     def _prime_codec(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -89,9 +139,8 @@ class BatchRunner:
         ):
             params.greedy[slot] = sampling.greedy
             params.temperature[slot] = temp
-            params.top_k[slot] = max(1, top_k)
+            params.top_k[slot] = top_k
             params.seed[slot] = seed & 0x7FFFFFFFFFFFFFFF
-            params.summarise()
         self.forced_text[slot] = -1
 
     @torch.inference_mode()
@@ -133,9 +182,9 @@ class BatchRunner:
         """Sample the first live position's text and agent cb0 from the last prompt position; put the
         codec in the state of having decoded the last prompt frame, as the reference has. Returns that
         frame's audio."""
-        rows = slice(slot, slot + 1)
         position = torch.full((1,), plan.length, dtype=torch.long, device=z.device)
-        text_params, audio_params = _rows(self.text_params, rows), _rows(self.audio_params, rows)
+        text_params = self.text_params.rows(slot, slot + 1)
+        audio_params = self.audio_params.rows(slot, slot + 1)
         text = self.lm.text_token(z, text_params, position)
         agent0 = self.lm.depformer_frame(z, text, 1, audio_params, position)[:, 0]
         self.pending[slot, 0], self.pending[slot, 1] = text[0], agent0[0]
@@ -162,7 +211,7 @@ class BatchRunner:
 
     def reset(self, slot: int) -> None:
         """Forget the slot's conversation (its codec state is replaced wholesale at the next prefill)."""
-        self.kv.reset(self._only(slot))
+        self.kv.reset(slot)
         self.forced_text[slot] = -1
 
     def force_text(self, slot: int, token: int) -> None:
@@ -171,43 +220,94 @@ class BatchRunner:
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> StepResult:
-        """pcm float32 [capacity, 1920] caller audio; rows with active False are ignored and untouched."""
-        user = self.mimi.encode_step(pcm, self.mimi_state, active)
-        tokens = self.step_codes(user, active)
-        pcm_out = self.mimi.decode_step(tokens[:, 1 : 1 + AGENT_CODEBOOKS], self.mimi_state, active)
-        return StepResult(pcm_out, tokens)
+        """Run one frame for every slot where `active` (bool [capacity], a host tensor) is True, with pcm
+        float32 [capacity, 1920] their caller audio; other slots are left untouched.
+
+        Returns slots [0, n) of the step size n that ran. The tensors are the runner's own: read them
+        before the next step."""
+        rows = self._rows[self.rows_for(active)]
+        rows.pcm_in.copy_(pcm[: rows.count])
+        rows.active_in.copy_(active[: rows.count])
+        captured = self._graphs.get(rows.count)
+        if captured is None:
+            return self._step(rows)
+        graph, result = captured
+        graph.replay()
+        return result
+
+    def step_codes(self, user: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The LM part of a step alone, from the caller's Mimi codes [capacity, 8]; returns the emitted
+        frame [n, 17] of slots [0, n) (never graphed: for tests and the benchmark)."""
+        rows = self._rows[self.rows_for(active)]
+        rows.active_in.copy_(active[: rows.count])
+        return self._lm_step(rows, user[: rows.count].to(self.lm.device))
+
+    def rows_for(self, active: torch.Tensor) -> int:
+        """The smallest step size covering every active slot (decided on the host: no device sync)."""
+        if active.device.type != "cpu" or active.shape != (self.capacity,):
+            raise ValueError(f"active must be a host bool tensor [{self.capacity}], got {active}")
+        live = torch.nonzero(active)
+        highest = int(live[-1, 0]) + 1 if live.numel() else 1
+        return next(count for count in self.step_sizes if count >= highest)
 
     @torch.inference_mode()
-    def step_codes(self, user: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """The LM part of a step, from the caller's Mimi codes [B, 8]; returns the emitted frame [B, 17]."""
-        lm = self.lm
-        position = self.next_position
-        x = torch.cat([self.pending, user[:, :1], self.user_delayed], dim=1)
-        z = lm.temporal(lm.embed(x[:, None]), position[:, None], self.kv, active)[:, 0]
+    def _step(self, rows: SlotRows) -> StepResult:
+        user = self.mimi.encode_step(rows.pcm_in, rows.codec, rows.active_in)
+        tokens = self._lm_step(rows, user)
+        pcm = self.mimi.decode_step(tokens[:, 1 : 1 + AGENT_CODEBOOKS], rows.codec, rows.active_in)
+        return StepResult(pcm, tokens)
+
+    @torch.inference_mode()
+    def _lm_step(self, rows: SlotRows, user: torch.Tensor) -> torch.Tensor:
+        """Temporal then depth transformer for one position of every active slot; returns the emitted
+        frame [n, 17] and moves each active slot on to its next input position."""
+        lm, active, position = self.lm, rows.active_in, rows.next_position
+        x = torch.cat([rows.pending, user[:, :1], rows.user_delayed], dim=1)
+        z = lm.temporal(lm.embed(x[:, None]), position[:, None], rows.kv, active)[:, 0]
         upcoming = position + 1
-        text = lm.text_token(z, self.text_params, upcoming)
-        text = torch.where(self.forced_text >= 0, self.forced_text, text)
-        audio = lm.depformer_frame(z, text, AGENT_CODEBOOKS, self.audio_params, upcoming)
-        emitted = torch.cat([self.pending[:, :2], audio[:, 1:], user], dim=1)
+        text = lm.text_token(z, rows.text_params, upcoming)
+        text = torch.where(rows.forced_text >= 0, rows.forced_text, text)
+        audio = lm.depformer_frame(z, text, AGENT_CODEBOOKS, rows.audio_params, upcoming)
+        emitted = torch.cat([rows.pending[:, :2], audio[:, 1:], user], dim=1)
         keep = ~active[:, None]
-        self.pending.copy_(torch.where(keep, self.pending, torch.cat([text[:, None], audio], dim=1)))
-        self.user_delayed.copy_(torch.where(keep, self.user_delayed, user[:, 1:]))
-        self.next_position.add_(active.long())
+        rows.pending.copy_(torch.where(keep, rows.pending, torch.cat([text[:, None], audio], dim=1)))
+        rows.user_delayed.copy_(torch.where(keep, rows.user_delayed, user[:, 1:]))
+        position.add_(active.long())
         return emitted
 
     def warmup(self, steps: int = 2) -> None:
-        """Run full-size steps with every slot idle, so first-call kernel set-up does not land on a call."""
-        idle = torch.zeros(self.capacity, dtype=torch.bool, device=self.lm.device)
-        silence = torch.zeros(self.capacity, 1920, device=self.lm.device)
-        for _ in range(steps):
-            self.step(silence, idle)
+        """Run every step size with all slots idle (which changes no state), so first-use kernel set-up
+        does not land on a call."""
+        self._active_in.zero_()
+        for count in self.step_sizes:
+            for _ in range(steps):
+                self._step(self._rows[count])
 
-    def _only(self, slot: int) -> torch.Tensor:
-        mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.lm.device)
-        mask[slot] = True
-        return mask
+    def capture_graphs(self) -> None:
+        """Record every step size as a CUDA graph (largest first, sharing one memory pool: they never run
+        at once). A step of a few sessions is bound by launching thousands of small kernels; a graph
+        launches them all at once. The graphs read and write the runner's tensors in place, so prefill
+        and configure keep working on the same state between replays."""
+        device = self.lm.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this runner is on {device}")
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            self.warmup()
+        torch.cuda.current_stream(device).wait_stream(side)
+        pool = None
+        for count in sorted(self.step_sizes, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                result = self._step(self._rows[count])
+            pool = graph.pool()
+            self._graphs[count] = (graph, result)
+
+    @property
+    def graphed(self) -> bool:
+        return bool(self._graphs)
 
 
 def prompt_frame_tokens() -> list[int]:
@@ -221,10 +321,5 @@ def _params(capacity: int, device: torch.device) -> SamplingParams:
         temperature=torch.ones(capacity, dtype=torch.float32, device=device),
         top_k=torch.ones(capacity, dtype=torch.long, device=device),
         seed=torch.zeros(capacity, dtype=torch.long, device=device),
-    )
-
-
-def _rows(params: SamplingParams, rows: slice) -> SamplingParams:
-    return SamplingParams(
-        params.greedy[rows], params.temperature[rows], params.top_k[rows], params.seed[rows]
+        width=MAX_TOP_K,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import logging
 import secrets
@@ -165,7 +166,8 @@ class EngineWorker:
         self.notice = notice
         self.admit_fraction = admit_fraction
         self.stats = WorkerStats(capacity=runner.capacity)
-        self._free = list(range(runner.capacity - 1, -1, -1))
+        self._free = list(range(runner.capacity))  # a heap: the lowest free slot goes first, which keeps
+        # the busy slots packed at the front so the runner's smaller step sizes apply
         self._sessions: dict[int, WorkerSession] = {}
         self._voices: collections.OrderedDict[str, _Voice] = collections.OrderedDict()
         self._max_voices = max_cached_voices
@@ -191,15 +193,13 @@ class EngineWorker:
                 f"{FRAME_BUDGET_S * 1000:.0f} ms real-time budget to admit another call"
             )
         text_ids = encode_role_prompt(self.tokenizer, spec.prompt)
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)
         session = WorkerSession(self, slot, seed, spec)
         try:
             await self._run_on_model_thread(self._prime, session, text_ids)
         except BaseException as exc:  # cancelled too (the caller hung up while we primed): the slot is
-            self._free.append(
-                slot
-            )  # free again; a later prefill of it runs after this one on the model thread
+            heapq.heappush(self._free, slot)  # a later prefill of it runs after this one on the model thread
             if isinstance(exc, CheckpointError):  # an unknown or broken voice prompt
                 raise EngineError(str(exc)) from exc
             raise
@@ -276,10 +276,9 @@ class EngineWorker:
         return voice
 
     def _step(self, pcm: np.ndarray, active: np.ndarray, forced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        device = self.runner.lm.device
         started = time.perf_counter()
         self.runner.forced_text.copy_(torch.from_numpy(forced))
-        result = self.runner.step(torch.from_numpy(pcm).to(device), torch.from_numpy(active).to(device))
+        result = self.runner.step(torch.from_numpy(pcm), torch.from_numpy(active))
         out_pcm, text = result.pcm.cpu().numpy(), result.tokens[:, 0].cpu().numpy()
         self.stats.record(time.perf_counter() - started)
         return out_pcm, text
@@ -325,4 +324,4 @@ class EngineWorker:
     def _release(self, session: WorkerSession) -> None:
         if self._sessions.get(session.slot) is session:
             del self._sessions[session.slot]
-            self._free.append(session.slot)  # the next prefill resets the slot on the model thread
+            heapq.heappush(self._free, session.slot)  # the next prefill resets it on the model thread

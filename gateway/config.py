@@ -79,6 +79,7 @@ class WebhooksSection:
 class EngineSection:
     checkpoint: str = ""  # local directory or hub repo id; empty: the random tiny demo model
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
+    cuda_graphs: bool = True  # on CUDA, replay the step from CUDA graphs (false: eager, for debugging)
 
 
 @dataclass(frozen=True)

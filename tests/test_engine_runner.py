@@ -99,15 +99,15 @@ def run_staggered(runner: BatchRunner, sessions: dict[int, tuple[Sampling, int, 
         active = torch.tensor(
             [slot in sessions and sessions[slot][2] <= step for slot in range(runner.capacity)]
         )
-        frames = torch.zeros(runner.capacity, 1920)
+        frames = torch.zeros(runner.capacity, 1920)  # on the host: the runner copies them in
         for slot, (_, _, start) in sessions.items():
             if start <= step:
                 frames[slot] = audio[step - start]  # each call hears the same audio from its own start
         result = runner.step(frames, active)
         for slot, (_, _, start) in sessions.items():
             if start <= step:
-                out[slot][0].append(result.tokens[slot].clone())
-                out[slot][1].append(result.pcm[slot].clone())
+                out[slot][0].append(result.tokens[slot].to("cpu", copy=True))
+                out[slot][1].append(result.pcm[slot].to("cpu", copy=True))
     return {slot: (torch.stack(t).numpy(), torch.stack(p).numpy()) for slot, (t, p) in out.items()}
 
 

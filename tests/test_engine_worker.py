@@ -74,6 +74,15 @@ async def test_open_is_refused_when_every_slot_is_taken_and_close_frees_one(work
         sessions[0].push(caller_frames(1)[0])
 
 
+async def test_a_new_session_takes_the_lowest_free_slot_so_steps_stay_small(worker):
+    first, second = await worker.open(SPEC), await worker.open(SPEC)
+    assert (first.slot, second.slot) == (0, 1)
+    await first.close()
+    await second.close()
+    again = await worker.open(SPEC)  # slot 1 was freed last, but slot 0 keeps steps at size 1
+    assert again.slot == 0
+
+
 async def test_unknown_voice_is_an_error_naming_the_voices(worker):
     with pytest.raises(EngineError, match="voice_tiny"):
         await worker.open(SessionSpec(voice="NOPE", prompt="hi"))

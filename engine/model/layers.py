@@ -98,8 +98,9 @@ class KVRing:
     def attended(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
 
-    def reset(self, mask: torch.Tensor) -> None:
-        self.positions[mask] = -1
+    def reset(self, slot: int) -> None:
+        """Empty the ring of one slot (its keys and values are then never looked at)."""
+        self.positions[slot] = -1
 
     def record_positions(self, positions: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         """Mark ring entries for positions [B, T] as written (rows with active False untouched);

@@ -7,7 +7,7 @@ alone (same kernels, same reduction order); on GPU the batched kernels are chose
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,10 @@ class MimiState:
             _collect(getattr(self, part.name), found)
         return found
 
+    def rows(self, start: int, stop: int) -> MimiState:
+        """A view of slots [start, stop): a step over it updates those slots in place and no others."""
+        return _rows(self, slice(start, stop))
+
 
 def _collect(item: object, found: list[Tensor]) -> None:
     if isinstance(item, Tensor):
@@ -62,6 +66,17 @@ def _collect(item: object, found: list[Tensor]) -> None:
     elif item is not None:
         for part in fields(item):  # type: ignore[arg-type]
             _collect(getattr(item, part.name), found)
+
+
+def _rows(item: object, rows: slice) -> object:
+    if isinstance(item, Tensor):
+        return item[rows]
+    if isinstance(item, list):
+        return [_rows(element, rows) for element in item]
+    if item is None:
+        return None
+    parts = {part.name: _rows(getattr(item, part.name), rows) for part in fields(item)}  # type: ignore[arg-type]
+    return replace(item, **parts)  # type: ignore[type-var]
 
 
 class Mimi(nn.Module):

@@ -18,20 +18,24 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingParams:
-    """Per-slot sampling settings as tensors [B]."""
+    """Per-slot sampling settings as tensors [B], plus the candidate width every slot samples from.
+
+    The width is fixed (not the largest top-k in the batch) and greedy slots run the same kernels as
+    sampled ones, so a step's work never depends on which sessions share it: no host-side decision, one
+    CUDA graph for every mix of sessions."""
 
     greedy: torch.Tensor  # bool
     temperature: torch.Tensor  # float32
-    top_k: torch.Tensor  # int64, >= 1
+    top_k: torch.Tensor  # int64, 1 <= top_k <= width
     seed: torch.Tensor  # int64
-    # Host-side summaries kept by whoever fills the tensors, so sampling never syncs with the device.
-    all_greedy: bool = True
-    max_top_k: int = 1
+    width: int  # candidates kept before the race: the largest top-k a session may ask for
 
-    def summarise(self) -> None:
-        """Refresh the host-side summaries after the tensors changed (once per session, not per step)."""
-        self.all_greedy = bool(self.greedy.all())
-        self.max_top_k = int(self.top_k.max())
+    def rows(self, start: int, stop: int) -> SamplingParams:
+        """A view of slots [start, stop): writes through it land here."""
+        rows = slice(start, stop)
+        return SamplingParams(
+            self.greedy[rows], self.temperature[rows], self.top_k[rows], self.seed[rows], self.width
+        )
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +62,7 @@ def sample_tokens(
     """logits [B, V] -> tokens [B] (int64)."""
     scores = logits.float()
     greedy_tokens = scores.argmax(dim=-1)
-    if params.all_greedy:
-        return greedy_tokens
-    width = min(params.max_top_k, scores.shape[-1])
+    width = min(params.width, scores.shape[-1])
     temperature = params.temperature.clamp_min(1e-6)[:, None]
     probs = torch.softmax(scores / temperature, dim=-1)
     top_probs, top_index = probs.topk(width, dim=-1)
