@@ -120,6 +120,7 @@ class StepTimes:
     full_ms: float  # Mimi encode + LM + Mimi decode
     lm_ms: float  # step_codes only
     graphed_ms: float | None = None  # the full step replayed as a CUDA graph (CUDA only)
+    spread_ms: float | None = None  # full step with the last session in the runner's last slot
 
     @property
     def served_ms(self) -> float:
@@ -142,13 +143,17 @@ class Results:
 
 
 def step_inputs(
-    runner: BatchRunner, active_count: int, device: torch.device
+    runner: BatchRunner, active_count: int, device: torch.device, spread: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Caller audio, the active mask (slots 0..B-1, on the host) and caller codes for a B-session step."""
+    """Caller audio, the active mask (on the host) and caller codes for a B-session step. Sessions sit in
+    slots 0..B-1, as the worker packs them; `spread` moves the last one to the runner's last slot, so the
+    step runs at full capacity (how a runner without step sizes always ran)."""
     generator = torch.Generator().manual_seed(SEED + active_count)
     capacity = runner.capacity
     active = torch.zeros(capacity, dtype=torch.bool)
     active[:active_count] = True
+    if spread:
+        active[active_count - 1], active[capacity - 1] = False, True
     pcm = (0.1 * torch.randn(capacity, FRAME_SAMPLES, generator=generator)).to(device)
     user = torch.randint(0, runner.lm.cfg.card, (capacity, AGENT_CODEBOOKS), generator=generator).to(device)
     return pcm, active, user
@@ -160,7 +165,11 @@ def time_steps(
     pcm, active, user = step_inputs(runner, active_count, device)
     full = watch.median_ms(lambda: runner.step(pcm, active), args.warmup, args.steps)
     lm_only = watch.median_ms(lambda: runner.step_codes(user, active), args.warmup, args.steps)
-    return StepTimes(full, lm_only)
+    times = StepTimes(full, lm_only)
+    if active_count < runner.capacity:
+        pcm, active, _ = step_inputs(runner, active_count, device, spread=True)
+        times.spread_ms = watch.median_ms(lambda: runner.step(pcm, active), args.warmup, args.steps)
+    return times
 
 
 def time_graphed_steps(
@@ -293,12 +302,14 @@ def print_steps(results: Results, capacity: int) -> None:
     print(f"\n1. step time vs active sessions B (real time: a step within {FRAME_MS:.0f} ms)")
     print(f"   shared runner: one runner of capacity {capacity}, sessions in slots 0..B-1; a step runs the")
     print("                  smallest step size (1, 2, 4, ..., capacity) covering them")
+    print("   spread:        the shared runner with the last session moved to slot capacity-1 (full size)")
     print("   sized runner:  a runner of capacity B with every slot active (B=1 is the capacity-1 reference)")
     graphed = any(t.graphed_ms is not None for t in results.shared.values())
     if graphed:
         print("   graphed:       the same full step replayed from its CUDA graph, as the engine serves it")
     first = min(results.shared)
-    header = f"     B | shared full ms  xB={first} | shared LM ms  xB={first} | full ms/session "
+    header = f"     B | shared full ms  xB={first} | shared LM ms  xB={first} | spread ms  xpacked "
+    header += "| full ms/session "
     header += "| sized full ms  xcap1 | sized LM ms  xcap1"
     if graphed:
         header += " | shared graphed ms | sized graphed ms"
@@ -307,7 +318,9 @@ def print_steps(results: Results, capacity: int) -> None:
     for b, shared in sorted(results.shared.items()):
         line = (
             f"  {b:4d} | {shared.full_ms:14.2f} {shared.full_ms / base.full_ms:5.2f} "
-            f"| {shared.lm_ms:12.2f} {shared.lm_ms / base.lm_ms:5.2f} | {shared.full_ms / b:15.2f} "
+            f"| {shared.lm_ms:12.2f} {shared.lm_ms / base.lm_ms:5.2f} "
+            f"| {_ms(shared.spread_ms):>9} {_ratio(shared.spread_ms, shared.full_ms):>8} "
+            f"| {shared.full_ms / b:15.2f} "
         )
         sized = results.sized.get(b)
         if sized is not None and ref is not None:
@@ -331,6 +344,10 @@ def print_steps(results: Results, capacity: int) -> None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _ratio(value: float | None, base: float) -> str:
+    return "-" if value is None else f"{value / base:.2f}"
 
 
 def print_prefill(results: Results, plan: PromptPlan) -> None:

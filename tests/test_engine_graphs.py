@@ -28,17 +28,23 @@ from engine.runner import BatchRunner, step_sizes
 
 class DeviceCalls(TorchFunctionMode):
     """Logs every torch call that touches a device (meta) tensor: its name, and the shape and dtype of
-    each tensor argument (other arguments by value)."""
+    each tensor argument (other arguments by value). `host_mixed` names the calls that also take a host
+    tensor: a graph would freeze such a value (a CPU scalar tensor is read when captured, not replayed)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, tuple]] = []
+        self.host_mixed: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat = [*args, *kwargs.values()]
-        if any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in _flatten(flat)):
-            self.calls.append((getattr(func, "__name__", repr(func)), tuple(_describe(a) for a in flat)))
+        devices = {a.device.type for a in _flatten(flat) if isinstance(a, torch.Tensor)}
+        if "meta" in devices:
+            name = getattr(func, "__name__", repr(func))
+            self.calls.append((name, tuple(_describe(a) for a in flat)))
+            if "cpu" in devices:
+                self.host_mixed.append(name)
         return func(*args, **kwargs)
 
 
@@ -70,6 +76,8 @@ def meta_runner(capacity: int) -> BatchRunner:
 def logged_step(runner: BatchRunner, active: list[bool]) -> list[tuple[str, tuple]]:
     with DeviceCalls() as log:
         result = runner.step(torch.zeros(runner.capacity, 1920), torch.tensor(active))
+    # Host data enters only through the two input copies that precede a replay.
+    assert log.host_mixed == ["copy_", "copy_"]
     size = runner.rows_for(torch.tensor(active))
     assert result.pcm.device.type == "meta" and result.pcm.shape == (size, 1920)
     assert result.tokens.shape == (size, 17)
