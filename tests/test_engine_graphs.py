@@ -155,3 +155,21 @@ def test_graph_replay_gives_what_the_eager_step_gives():
     for slot in sessions:
         assert np.array_equal(eager[slot][0], graphed[slot][0])
         assert np.allclose(eager[slot][1], graphed[slot][1], atol=1e-5)
+
+
+def test_the_published_sizes_prime_and_step_on_the_meta_device():
+    """The 7B shapes (context 3000, 16-step depformer, 4096-wide LM) through prefill and a step, with no
+    memory behind them: what the GPU will run, minus the arithmetic."""
+    cfg = ModelConfig()
+    with torch.device("meta"):
+        lm = LMModel(cfg.lm).to(torch.bfloat16).eval()
+        mimi = Mimi(cfg.mimi).eval()
+    runner = BatchRunner(lm, mimi, 2)
+    codes = torch.zeros(52, 8, dtype=torch.long)  # a 4 s voice prompt
+    plan = runner.plan(codes, list(range(4, 74)))
+    runner.configure(1, Sampling(), 3)
+    prefill = runner.prefill(1, plan)
+    assert plan.length == 134 and prefill.first_pcm.shape == (1920,)
+    assert prefill.prefix is not None and prefill.prefix.keys.shape == (32, 32, 58, 128)
+    result = runner.step(torch.zeros(2, 1920), torch.tensor([False, True]))
+    assert result.tokens.shape == (2, 17) and result.pcm.shape == (2, 1920)
