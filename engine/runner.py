@@ -3,7 +3,7 @@ that has a caller frame, leaving the other slots untouched.
 
 A slot is one conversation. All of its state lives in rows of preallocated tensors (KV ring, Mimi
 streaming buffers, the tokens of its next input position, its sampling settings), so slots start, stop
-and sit at different positions independently and a step always has the same shapes.
+and sit at different positions independently and a step of a given size always has the same shapes.
 
 Bookkeeping (engine-spec §3.8, reorganised): the reference's step n runs the transformer on position n-1
 and emits frame n-1; the caller frame it receives at step n is not used by that computation. We therefore

@@ -149,6 +149,14 @@ class WorkerSession:
 _session_ids = itertools.count(1)
 
 
+def _use_device(runner: BatchRunner) -> None:
+    """Make the model thread's current CUDA device the runner's (a new thread starts on cuda:0), so its
+    default stream, where steps and graph replays are queued, is that device's."""
+    device = runner.lm.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class EngineWorker:
     """Serves many sessions from one model (implements engine.api.Engine)."""
 
@@ -171,7 +179,9 @@ class EngineWorker:
         self._sessions: dict[int, WorkerSession] = {}
         self._voices: collections.OrderedDict[str, _Voice] = collections.OrderedDict()
         self._max_voices = max_cached_voices
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplexgate-engine")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="duplexgate-engine", initializer=_use_device, initargs=(runner,)
+        )
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._closing = False
