@@ -65,6 +65,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     from engine.loading import resolve_checkpoint
     from engine.offline import read_input, run_offline, write_outputs
 
+    # Bad settings are reported before anything is loaded or downloaded.
+    sampling = Sampling(args.greedy, args.temp_audio, args.temp_text, args.topk_audio, args.topk_text)
     voices = args.voices
     if voices is None and Path(args.voice).suffix in (".pt", ".wav"):
         voices = str(Path(args.voice).parent)
@@ -77,7 +79,6 @@ def _run_offline(args: argparse.Namespace) -> int:
         config=args.config,
         hf_repo=args.hf_repo,
     )
-    sampling = Sampling(args.greedy, args.temp_audio, args.temp_text, args.topk_audio, args.topk_text)
     result = run_offline(
         files, args.voice, args.text_prompt, read_input(args.input), sampling, args.seed, args.device
     )

@@ -138,6 +138,15 @@ def test_offline_cli_names_a_missing_checkpoint_file(tmp_path):
     assert "model.safetensors" in done.stderr and str(tmp_path) in done.stderr
 
 
+def test_offline_cli_refuses_sampling_settings_out_of_range_before_loading(tmp_path):
+    cmd = [sys.executable, "-m", "gateway.cli", "offline", "--input", str(FIXTURE / "input_user.wav")]
+    cmd += ["--voice", "NATF2", "--checkpoint", str(tmp_path), "--topk-audio", "1000"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 2
+    assert "topk_audio must be an integer from 1 to 256, got 1000" in done.stderr
+    assert "model.safetensors" not in done.stderr
+
+
 def _env() -> dict[str, str]:
     import os
 
