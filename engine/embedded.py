@@ -91,15 +91,16 @@ def build_engine(
     lm, mimi = load_models(files, cfg, device)
     capacity = capacity or slot_count(device, lm)
     runner = BatchRunner(lm, mimi, capacity)
-    runner.warmup()
     if device.type == "cuda" and cuda_graphs:
         try:
-            runner.capture_graphs()
+            runner.capture_graphs()  # warms every step size up first
         except RuntimeError as exc:
             raise EngineError(
                 f"capturing the engine step as CUDA graphs failed on {device} ({exc}); set "
                 "[engine] cuda_graphs = false to run it eagerly (slower), and please report it"
             ) from exc
+    else:
+        runner.warmup()
     log.info(
         "engine on %s: %d slots (context %d steps), step sizes %s%s",
         device,
