@@ -99,17 +99,16 @@ def build_engine(
                 f"capturing the engine step as CUDA graphs failed on {device} ({exc}); set "
                 "[engine] cuda_graphs = false to run it eagerly (slower), and please report it"
             ) from exc
-    else:
-        runner.warmup()
+    profile = runner.profile()  # also the warm-up: first-use kernel set-up does not land on a call
     log.info(
-        "engine on %s: %d slots (context %d steps), step sizes %s%s",
+        "engine on %s: %d slots (context %d steps)%s; step ms by size: %s",
         device,
         capacity,
         cfg.lm.context,
-        runner.step_sizes,
         ", CUDA graphs" if runner.graphed else "",
+        ", ".join(f"{size}: {seconds * 1000:.1f}" for size, seconds in profile.items()),
     )
-    return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice)
+    return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice, step_profile=profile)
 
 
 def slot_count(device: torch.device, lm: torch.nn.Module) -> int:

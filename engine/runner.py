@@ -19,6 +19,8 @@ once as a CUDA graph and a step is a single launch.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -229,12 +231,7 @@ class BatchRunner:
         rows = self._rows[self.rows_for(active)]
         rows.pcm_in.copy_(pcm[: rows.count])
         rows.active_in.copy_(active[: rows.count])
-        captured = self._graphs.get(rows.count)
-        if captured is None:
-            return self._step(rows)
-        graph, result = captured
-        graph.replay()
-        return result
+        return self._run(rows)
 
     def step_codes(self, user: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The LM part of a step alone, from the caller's Mimi codes [capacity, 8]; returns the emitted
@@ -248,8 +245,34 @@ class BatchRunner:
         if active.device.type != "cpu" or active.shape != (self.capacity,):
             raise ValueError(f"active must be a host bool tensor [{self.capacity}], got {active}")
         live = torch.nonzero(active)
-        highest = int(live[-1, 0]) + 1 if live.numel() else 1
-        return next(count for count in self.step_sizes if count >= highest)
+        return self.size_covering(int(live[-1, 0]) + 1 if live.numel() else 1)
+
+    def size_covering(self, slots: int) -> int:
+        """The step size that runs slots [0, slots)."""
+        return next(count for count in self.step_sizes if count >= slots)
+
+    def profile(self, repeats: int = 3) -> dict[int, float]:
+        """Seconds a step of each size takes (median of `repeats`, results fetched to the host), measured
+        with every slot idle: the same work as a busy step of that size, and no state changes. The first
+        run of each size pays its kernels' set-up, so this doubles as a warm-up."""
+        self._active_in.zero_()
+        seconds = {}
+        for count in self.step_sizes:
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self._run(self._rows[count]).tokens.cpu()
+                times.append(time.perf_counter() - started)
+            seconds[count] = statistics.median(times)
+        return seconds
+
+    def _run(self, rows: SlotRows) -> StepResult:
+        captured = self._graphs.get(rows.count)
+        if captured is None:
+            return self._step(rows)
+        graph, result = captured
+        graph.replay()
+        return result
 
     @torch.inference_mode()
     def _step(self, rows: SlotRows) -> StepResult:

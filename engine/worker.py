@@ -3,7 +3,8 @@
 Every session that has a caller frame waiting joins the next step (continuous batching with an execution
 mask), so a frame waits at most one step. Model work runs on one dedicated thread, serialised, so the
 asyncio loop that talks to the gateway never blocks on the GPU/CPU. A new session is admitted only while
-there is a free slot and the measured step time leaves room inside the 80 ms real-time budget.
+there is a free slot and steps of the size it would need (the runner's step sizes, profiled at start-up
+and measured since) leave room inside the 80 ms real-time budget.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +44,33 @@ class WorkerStats:
     capacity: int
     steps: int = 0
     last_step_s: float = 0.0
-    recent_step_s: float = 0.0  # 90th percentile of the recent window: what admission decides on
+    recent_step_s: float = 0.0  # 90th percentile of the recent steps, whatever their size
     dropped_frames: int = 0
-    window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50), repr=False)
+    window: collections.deque = field(default_factory=lambda: _window(), repr=False)
+    # Recent step times by step size (seeded from the start-up profile): what admission decides on.
+    by_size: dict[int, collections.deque] = field(default_factory=dict, repr=False)
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, size: int) -> None:
         self.steps += 1
         self.last_step_s = seconds
         self.window.append(seconds)
-        ordered = sorted(self.window)
-        self.recent_step_s = ordered[int(0.9 * (len(ordered) - 1))]
+        self.recent_step_s = _p90(self.window)
+        self.by_size.setdefault(size, _window()).append(seconds)
+
+    def expected_step_s(self, size: int) -> float:
+        """What a step of `size` is likely to take: its recent 90th percentile, or, for a size not yet
+        seen, that of the recent steps of any size."""
+        seen = self.by_size.get(size)
+        return _p90(seen) if seen else self.recent_step_s
+
+
+def _window() -> collections.deque:
+    return collections.deque(maxlen=50)
+
+
+def _p90(window: collections.deque) -> float:
+    ordered = sorted(window)
+    return ordered[int(0.9 * (len(ordered) - 1))]
 
 
 @dataclass
@@ -167,13 +185,16 @@ class EngineWorker:
         voices_dir: Path | None,
         *,
         notice: str | None = None,
-        admit_fraction: float = 0.8,  # admit while recent steps take at most this share of the 80 ms budget
+        admit_fraction: float = 0.8,  # admit while steps take at most this share of the 80 ms budget
         max_cached_voices: int = 16,
+        step_profile: Mapping[int, float] | None = None,  # seconds per step size (BatchRunner.profile)
     ) -> None:
         self.runner, self.tokenizer, self.voices_dir = runner, tokenizer, voices_dir
         self.notice = notice
         self.admit_fraction = admit_fraction
         self.stats = WorkerStats(capacity=runner.capacity)
+        for size, seconds in (step_profile or {}).items():
+            self.stats.by_size[size] = collections.deque([seconds], maxlen=50)
         self._free = list(range(runner.capacity))  # a heap: the lowest free slot goes first, which keeps
         # the busy slots packed at the front so the runner's smaller step sizes apply
         self._sessions: dict[int, WorkerSession] = {}
@@ -197,9 +218,13 @@ class EngineWorker:
         self._ensure_loop()
         if not self._free:
             raise EngineBusy(f"all {self.runner.capacity} engine slots are in use")
-        if self.stats.recent_step_s > FRAME_BUDGET_S * self.admit_fraction:
+        # The new call takes the lowest free slot; the steps then run the size covering it and every
+        # busy slot, and must still fit in the real-time budget.
+        size = self.runner.size_covering(max(self._free[0], *self._sessions, -1) + 1)
+        expected = self.stats.expected_step_s(size)
+        if expected > FRAME_BUDGET_S * self.admit_fraction:
             raise EngineBusy(
-                f"engine steps take {self.stats.recent_step_s * 1000:.0f} ms, too close to the "
+                f"engine steps of size {size} take {expected * 1000:.0f} ms, too close to the "
                 f"{FRAME_BUDGET_S * 1000:.0f} ms real-time budget to admit another call"
             )
         text_ids = encode_role_prompt(self.tokenizer, spec.prompt)
@@ -290,7 +315,7 @@ class EngineWorker:
         self.runner.forced_text.copy_(torch.from_numpy(forced))
         result = self.runner.step(torch.from_numpy(pcm), torch.from_numpy(active))
         out_pcm, text = result.pcm.cpu().numpy(), result.tokens[:, 0].cpu().numpy()
-        self.stats.record(time.perf_counter() - started)
+        self.stats.record(time.perf_counter() - started, size=len(text))
         return out_pcm, text
 
     async def _run_on_model_thread(self, fn, *args):

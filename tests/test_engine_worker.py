@@ -185,3 +185,23 @@ async def test_reprime_re_anchors_a_call_like_a_fresh_session_with_that_prompt(w
     assert [f.token for f in after] == [f.token for f in expected]
     assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(after, expected, strict=True))
     assert session.position == fresh.position
+
+
+async def test_admission_judges_the_step_size_the_new_call_would_need(monkeypatch):
+    lm, mimi, _ = tiny_models()
+    tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
+    runner = BatchRunner(lm, mimi, 4)
+    # As profiled at start-up: steps of one or two slots fit the budget, steps of four do not.
+    profile = {1: 0.010, 2: 0.020, 4: 0.075}
+    engine = EngineWorker(runner, tokenizer, FIXTURE / "voices", step_profile=profile)
+    try:
+        first, second = await engine.open(SPEC), await engine.open(SPEC)  # slots 0 and 1: size 2
+        await talk(first, caller_frames(2))
+        with pytest.raises(EngineBusy, match="steps of size 4 take 75 ms"):
+            await engine.open(SPEC)  # slot 2 would make every step a size-4 step
+        assert engine.active == 2 and sorted(engine._free) == [2, 3]
+        await second.close()
+        third = await engine.open(SPEC)  # slot 1 again: steps stay at size 2
+        assert third.slot == 1
+    finally:
+        await engine.aclose()
