@@ -220,6 +220,22 @@ class BatchRunner:
         """Make the next sampled text token of `slot` be `token` (-1 to stop forcing)."""
         self.forced_text[slot] = token
 
+    @torch.inference_mode()
+    def move_slot(self, source: int, target: int) -> None:
+        """Move the conversation in slot `source` to slot `target` (overwritten), leaving `source` empty:
+        the conversation goes on there exactly as it would have (slots do not interact)."""
+        for tensor, dim in self._slot_tensors():
+            tensor.select(dim, target).copy_(tensor.select(dim, source))
+        self.reset(source)
+
+    def _slot_tensors(self) -> list[tuple[torch.Tensor, int]]:
+        """Every per-slot state tensor with its slot dimension."""
+        found = [(self.kv.keys, 1), (self.kv.values, 1), (self.kv.positions, 0)]
+        rows = [self.next_position, self.pending, self.user_delayed, self.forced_text]
+        for params in (self.text_params, self.audio_params):
+            rows += [params.greedy, params.temperature, params.top_k, params.seed]
+        return found + [(t, 0) for t in [*rows, *self.mimi_state.tensors()]]
+
     # ---- the step -----------------------------------------------------------------------------------
 
     def step(self, pcm: torch.Tensor, active: torch.Tensor) -> StepResult:

@@ -94,6 +94,7 @@ class WorkerSession:
         self._inbox: collections.deque[np.ndarray] = collections.deque()
         self._outbox: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
         self._frames_out = 0
+        self._slot_lock = asyncio.Lock()  # held while the slot's state is rewritten (reprime, move)
         self.closed = False
         self.close_reason: str | None = None
 
@@ -147,7 +148,8 @@ class WorkerSession:
         text_ids = encode_role_prompt(self._worker.tokenizer, prompt)
         self._forced.clear()
         frames_before = self._frames_out
-        await self._worker._run_on_model_thread(self._worker._prime, self, text_ids)
+        async with self._slot_lock:
+            await self._worker._run_on_model_thread(self._worker._prime, self, text_ids)
         self.prompt_positions -= frames_before  # live frame numbering continues across the re-anchor
 
     def _deliver(self, pcm: np.ndarray, token: int) -> None:
@@ -332,6 +334,10 @@ class EngineWorker:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            try:
+                await self._compact()
+            except Exception:  # an optimisation: never a reason to stop stepping the calls
+                log.exception("engine slot compaction failed")
             ready = [s for s in self._sessions.values() if s._inbox]
             if not ready:
                 continue
@@ -355,6 +361,33 @@ class EngineWorker:
                     session._deliver(out_pcm[session.slot], int(text[session.slot]))
             if any(s._inbox for s in self._sessions.values()):
                 self._wake.set()
+
+    async def _compact(self) -> None:
+        """Move the session in the highest busy slot down to the lowest free one when that makes every
+        step smaller (calls below it have ended); between steps, one move at a time."""
+        if not self._sessions or not self._free:
+            return
+        source, target = max(self._sessions), self._free[0]
+        rest = [slot for slot in self._sessions if slot != source]
+        size_after = self.runner.size_covering(max([target, *rest]) + 1)
+        session = self._sessions[source]
+        if size_after >= self.runner.size_covering(source + 1) or session._slot_lock.locked():
+            return
+        heapq.heappop(self._free)  # `target` is taken while the state moves
+        async with session._slot_lock:
+            try:
+                await self._run_on_model_thread(self.runner.move_slot, source, target)
+            except Exception:
+                log.exception("session %s: move from slot %d to %d failed", session.id, source, target)
+                heapq.heappush(self._free, target)
+                return
+            if session.closed:  # it ended during the move, and its old slot was freed then
+                heapq.heappush(self._free, target)
+                return
+            del self._sessions[source]
+            self._sessions[target] = session
+            session.slot = target
+            heapq.heappush(self._free, source)
 
     def _release(self, session: WorkerSession) -> None:
         if self._sessions.get(session.slot) is session:

@@ -30,6 +30,17 @@ async def worker():
     await engine.aclose()
 
 
+@pytest.fixture
+async def worker_of_four():
+    lm, mimi, _ = tiny_models()
+    tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
+    engine = EngineWorker(
+        BatchRunner(lm, mimi, 4), tokenizer, FIXTURE / "voices", admit_fraction=float("inf")
+    )
+    yield engine
+    await engine.aclose()
+
+
 def caller_frames(count: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal(1920) * 0.1).astype(np.float32) for _ in range(count)]
@@ -97,11 +108,12 @@ async def test_prompt_longer_than_the_context_is_refused(worker):
 
 async def test_a_failing_step_ends_only_the_sessions_in_it(worker, monkeypatch):
     victim, bystander = await worker.open(SPEC), await worker.open(SPEC)
-    real_step = worker.runner.step
+    real_step, faults = worker.runner.step, [RuntimeError("simulated device fault")]
 
     def failing_step(pcm, active):
-        if bool(active[victim.slot]):
-            raise RuntimeError("simulated device fault")
+        if faults:  # the first step, which only the victim is in, fails
+            assert bool(active[victim.slot]) and not bool(active[bystander.slot])
+            raise faults.pop()
         return real_step(pcm, active)
 
     monkeypatch.setattr(worker.runner, "step", failing_step)
@@ -205,3 +217,28 @@ async def test_admission_judges_the_step_size_the_new_call_would_need(monkeypatc
         assert third.slot == 1
     finally:
         await engine.aclose()
+
+
+async def test_a_call_left_in_a_high_slot_moves_down_and_goes_on_exactly(worker_of_four):
+    spec = SessionSpec(voice="voice_tiny", prompt=reference_prompt(), seed=77, sampling=Sampling())
+    frames = caller_frames(10, seed=3)
+    alone = await worker_of_four.open(spec)
+    reference = await talk(alone, frames)
+    await alone.close()
+
+    first, second = await worker_of_four.open(SPEC), await worker_of_four.open(SPEC)
+    moved = await worker_of_four.open(spec)
+    assert (first.slot, second.slot, moved.slot) == (0, 1, 2)
+    stream = moved.frames().__aiter__()
+    heard = []
+    for frame in frames[:4]:
+        moved.push(frame)
+        heard.append(await asyncio.wait_for(stream.__anext__(), 10))
+    await first.close()  # slot 0 frees: the call in slot 2 can step at size 2 instead of 4
+    for frame in frames[4:]:
+        moved.push(frame)
+        heard.append(await asyncio.wait_for(stream.__anext__(), 10))
+    assert moved.slot == 0 and second.slot == 1
+    assert sorted(worker_of_four._free) == [2, 3]
+    assert [f.token for f in heard] == [f.token for f in reference]
+    assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(heard, reference, strict=True))
