@@ -18,25 +18,23 @@ from engine.worker import EngineWorker
 SPEC = SessionSpec(voice="voice_tiny", prompt=reference_prompt(), sampling=Sampling(greedy=True))
 
 
-@pytest.fixture
-async def worker():
+def tiny_worker(capacity: int, **options) -> EngineWorker:
     lm, mimi, _ = tiny_models()
     tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
+    return EngineWorker(BatchRunner(lm, mimi, capacity), tokenizer, FIXTURE / "voices", **options)
+
+
+@pytest.fixture
+async def worker():
     # Admission is tested on its own below; a loaded CI machine must not refuse these calls.
-    engine = EngineWorker(
-        BatchRunner(lm, mimi, 2), tokenizer, FIXTURE / "voices", admit_fraction=float("inf")
-    )
+    engine = tiny_worker(2, admit_fraction=float("inf"))
     yield engine
     await engine.aclose()
 
 
 @pytest.fixture
 async def worker_of_four():
-    lm, mimi, _ = tiny_models()
-    tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
-    engine = EngineWorker(
-        BatchRunner(lm, mimi, 4), tokenizer, FIXTURE / "voices", admit_fraction=float("inf")
-    )
+    engine = tiny_worker(4, admit_fraction=float("inf"))
     yield engine
     await engine.aclose()
 
@@ -200,12 +198,8 @@ async def test_reprime_re_anchors_a_call_like_a_fresh_session_with_that_prompt(w
 
 
 async def test_admission_judges_the_step_size_the_new_call_would_need(monkeypatch):
-    lm, mimi, _ = tiny_models()
-    tokenizer = load_text_tokenizer(FIXTURE / "tokenizer_tiny.model")
-    runner = BatchRunner(lm, mimi, 4)
     # As profiled at start-up: steps of one or two slots fit the budget, steps of four do not.
-    profile = {1: 0.010, 2: 0.020, 4: 0.075}
-    engine = EngineWorker(runner, tokenizer, FIXTURE / "voices", step_profile=profile)
+    engine = tiny_worker(4, step_profile={1: 0.010, 2: 0.020, 4: 0.075})
     try:
         first, second = await engine.open(SPEC), await engine.open(SPEC)  # slots 0 and 1: size 2
         await talk(first, caller_frames(2))
