@@ -9,6 +9,8 @@ replay every step. The replay itself is compared with the eager step where CUDA 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,9 +20,11 @@ from test_engine_runner import GREEDY, SAMPLED, plan_for, run_staggered
 from tinymodel import FIXTURE, fixture_files, tiny_models
 from torch.overrides import TorchFunctionMode
 
-from engine.api import MAX_TOP_K, Sampling
+from engine.api import MAX_TOP_K, Sampling, SessionSpec
 from engine.checkpoint import load_models
 from engine.config import ModelConfig
+from engine.embedded import build_engine
+from engine.loading import resolve_checkpoint
 from engine.model.lm import LMModel
 from engine.model.mimi import Mimi
 from engine.runner import BatchRunner, step_sizes
@@ -173,3 +177,25 @@ def test_the_published_sizes_prime_and_step_on_the_meta_device():
     assert prefill.prefix is not None and prefill.prefix.keys.shape == (32, 32, 58, 128)
     result = runner.step(torch.zeros(2, 1920), torch.tensor([False, True]))
     assert result.tokens.shape == (2, 17) and result.pcm.shape == (2, 1920)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_engine_on_cuda_captures_its_steps_and_serves_a_call(tiny_checkpoint, caplog):
+    """What `duplexgate serve` does on a GPU: slots from free memory, graphs captured, a call served."""
+    caplog.set_level(logging.INFO, logger="engine.embedded")
+    engine = build_engine(resolve_checkpoint(tiny_checkpoint), torch.device("cuda"))
+    assert engine.runner.graphed and engine.capacity >= 1
+    assert any("CUDA graphs" in record.getMessage() for record in caplog.records)
+
+    async def one_call() -> list:
+        session = await engine.open(SessionSpec(voice="demo", prompt="You answer the phone."))
+        stream = session.frames().__aiter__()
+        frames = []
+        for _ in range(3):
+            session.push(np.zeros(1920, dtype=np.float32))
+            frames.append(await asyncio.wait_for(stream.__anext__(), 10))
+        await engine.aclose()
+        return frames
+
+    frames = asyncio.run(one_call())
+    assert [f.index for f in frames] == [0, 1, 2] and all(np.isfinite(f.pcm).all() for f in frames)
