@@ -39,6 +39,15 @@ STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
 MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped
 
 
+def _window(seconds: tuple[float, ...] = ()) -> collections.deque:
+    return collections.deque(seconds, maxlen=50)
+
+
+def _p90(window: collections.deque) -> float:
+    ordered = sorted(window)
+    return ordered[int(0.9 * (len(ordered) - 1))]
+
+
 @dataclass
 class WorkerStats:
     capacity: int
@@ -46,7 +55,7 @@ class WorkerStats:
     last_step_s: float = 0.0
     recent_step_s: float = 0.0  # 90th percentile of the recent steps, whatever their size
     dropped_frames: int = 0
-    window: collections.deque = field(default_factory=lambda: _window(), repr=False)
+    window: collections.deque = field(default_factory=_window, repr=False)
     # Recent step times by step size (seeded from the start-up profile): what admission decides on.
     by_size: dict[int, collections.deque] = field(default_factory=dict, repr=False)
 
@@ -62,15 +71,6 @@ class WorkerStats:
         seen, that of the recent steps of any size."""
         seen = self.by_size.get(size)
         return _p90(seen) if seen else self.recent_step_s
-
-
-def _window() -> collections.deque:
-    return collections.deque(maxlen=50)
-
-
-def _p90(window: collections.deque) -> float:
-    ordered = sorted(window)
-    return ordered[int(0.9 * (len(ordered) - 1))]
 
 
 @dataclass
@@ -194,9 +194,8 @@ class EngineWorker:
         self.runner, self.tokenizer, self.voices_dir = runner, tokenizer, voices_dir
         self.notice = notice
         self.admit_fraction = admit_fraction
-        self.stats = WorkerStats(capacity=runner.capacity)
-        for size, seconds in (step_profile or {}).items():
-            self.stats.by_size[size] = collections.deque([seconds], maxlen=50)
+        profile = step_profile or {}
+        self.stats = WorkerStats(runner.capacity, by_size={n: _window((s,)) for n, s in profile.items()})
         self._free = list(range(runner.capacity))  # a heap: the lowest free slot goes first, which keeps
         # the busy slots packed at the front so the runner's smaller step sizes apply
         self._sessions: dict[int, WorkerSession] = {}
