@@ -23,6 +23,10 @@ fi
 # torch is pinned so pip takes the CPU build from this machine's disk instead of a multi-GB CUDA build.
 python3 -m pip install -q torch==2.13.0 -e ".[test]"
 
+# The exact comparisons with the tiny fixture's recordings need PyTorch's AVX2 CPU kernels, whatever the CPU
+# (AVX-512 and AMX kernels round bf16 ties differently); they must be set before torch is imported.
+export ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
 if [ "$#" -eq 0 ]; then
     set -- -m "not slow"
 fi

@@ -3,6 +3,24 @@ and real wav files of test tones."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+# The tiny fixture's recordings were made with PyTorch's AVX2 CPU kernels; AVX-512/AMX kernels round bf16
+# ties differently and flip argmaxes. The pins must be set before torch is imported (scripts/test.sh
+# exports the same; this covers a bare `pytest`).
+CPU_KERNEL_PINS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+if "torch" in sys.modules and any(os.environ.get(k) != v for k, v in CPU_KERNEL_PINS.items()):
+    raise RuntimeError(
+        f"torch was imported before tests/conftest.py could pin its CPU kernels: set {CPU_KERNEL_PINS}"
+    )
+for _name, _value in CPU_KERNEL_PINS.items():
+    os.environ.setdefault(_name, _value)
+
 import asyncio
 import socket
 import threading
@@ -29,6 +47,10 @@ from gateway.cli import WS_IMPLEMENTATION
 from gateway.config import EXAMPLE_CONFIG, GatewayConfig, parse_config
 
 TEST_AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+def pytest_report_header() -> str:
+    return f"torch CPU kernels: {torch.backends.cpu.get_cpu_capability()} (pinned: {CPU_KERNEL_PINS})"
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import warnings
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tinymodel import FIXTURE
 
 from engine.config import FRAME_SAMPLES, SAMPLE_RATE
 from gateway.audio import (
@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-FIXTURE_WAV = Path(__file__).resolve().parents[2] / "shared/fixtures/personaplex-tiny/input_user.wav"
+FIXTURE_WAV = FIXTURE / "input_user.wav"
 PAIRS = [(8000, 24000), (24000, 8000), (16000, 24000), (24000, 16000)]
 # Edges of the band the gateway carries and of the band where images/aliases must be gone, per carrier rate.
 PASS_EDGE = {8000: 3400, 16000: 7000}
@@ -287,7 +287,6 @@ def test_unsupported_format_is_rejected_naming_the_value(encoding: str, rate: in
 # --- the whole path on real caller audio -------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FIXTURE_WAV.exists(), reason=f"fixture {FIXTURE_WAV} not present")
 def test_fixture_caller_audio_through_twilio_mulaw_loses_only_mulaw_precision() -> None:
     with wave.open(str(FIXTURE_WAV)) as wav:
         audio = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768

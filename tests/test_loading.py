@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tinymodel import FIXTURE, REPO_ROOT
+from tinymodel import FIXTURE, KEY_LISTS, REPO_ROOT
 
 from engine.loading import (
     CONFIG_FILE,
@@ -40,7 +40,6 @@ from engine.loading import (
     wrap_role_prompt,
 )
 
-KEY_LISTS = FIXTURE.parents[1] / "docs" / "checkpoint-keys"
 REFERENCE_STEPS = FIXTURE / "runs" / "greedy_pt" / "steps.json"
 
 

@@ -13,15 +13,16 @@ import pyloudnorm
 import pytest
 import torch
 from safetensors.torch import load_file
-from tinymodel import FIXTURE
+from tinymodel import FIXTURE, KEY_LISTS
 
 from engine.config import MimiConfig, ModelConfig
 from engine.model.mimi import Mimi, MimiState
 
 torch.set_num_threads(1)  # the reference outputs were recorded with one thread
 
-KEY_LIST = FIXTURE.parents[1] / "docs" / "checkpoint-keys" / "mimi_state_dict_keys.tsv"
+KEY_LIST = KEY_LISTS / "mimi_state_dict_keys.tsv"
 INT16_FULL_SCALE = 32767  # the reference's wav writer: clip to [-1, 1], scale by 32767, truncate
+ROUNDING_AT_A_STEP = 0.02  # int16 steps: float32 rounding noise of the decoder (~3e-7 of full scale) x 2
 
 
 def read_wav_int16(path: Path) -> np.ndarray:
@@ -114,12 +115,24 @@ def test_decoded_agent_codes_match_the_recorded_wav_within_int16_quantisation(
 
 
 @pytest.mark.parametrize("run", ["greedy_pt", "greedy_ctx24"])
-def test_decoded_agent_codes_write_exactly_the_recorded_int16_samples(
+def test_decoded_agent_codes_write_the_recorded_int16_samples_but_for_float_rounding_at_a_step(
     decoded_agent_audio: dict[str, np.ndarray], run: str
 ) -> None:
+    # On the recording's CPU every sample is identical. Elsewhere (an Intel CPU's MKL/oneDNN kernels,
+    # even pinned to AVX2) float32 sums round differently by ~1e-7, which moves a value across an int16
+    # truncation step only where it lies within a hair of one: such a sample may be one step off, no other.
     recorded = read_wav_int16(FIXTURE / "runs" / run / "output.wav")
-    written = np.trunc(np.clip(decoded_agent_audio[run], -1.0, 1.0) * INT16_FULL_SCALE).astype(np.int16)
-    assert np.flatnonzero(written != recorded).size == 0
+    scaled = np.clip(decoded_agent_audio[run], -1.0, 1.0) * INT16_FULL_SCALE
+    written = np.trunc(scaled).astype(np.int16)
+    off = np.flatnonzero(written != recorded)
+    off_by = np.abs(written[off].astype(np.int32) - recorded[off])
+    distance_to_step = np.abs(scaled[off] - np.round(scaled[off]))
+    assert off_by.max(initial=0) <= 1, f"samples {off[off_by > 1][:5]} differ by more than one step"
+    at_a_step = distance_to_step < ROUNDING_AT_A_STEP
+    assert at_a_step.all(), (
+        f"samples {off[~at_a_step][:5]} differ yet lie up to {distance_to_step.max():.3g} from a step"
+    )
+    assert off.size < 0.01 * recorded.size  # rounding touches few samples; a real bug moves most of them
 
 
 def test_loudness_normalised_voice_prompt_encodes_to_the_recorded_agent_codes(mimi: Mimi) -> None:

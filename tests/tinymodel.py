@@ -1,4 +1,5 @@
-"""Shared access to the tiny PersonaPlex fixture (../shared/fixtures/personaplex-tiny) for engine tests."""
+"""Shared access to the tiny PersonaPlex fixture (tests/fixtures/personaplex-tiny, a slim copy of the shared
+one; see tests/fixtures/README.md) for engine tests."""
 
 from __future__ import annotations
 
@@ -16,22 +17,14 @@ from engine.config import ModelConfig
 from engine.loading import CheckpointFiles, resolve_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _find_fixture() -> Path:
-    """The fixture lives in ../shared beside the checkout (or where DUPLEXGATE_FIXTURES points)."""
-    env = os.environ.get("DUPLEXGATE_FIXTURES")
-    roots = [Path(env)] if env else []
-    roots += [REPO_ROOT / "shared" / "fixtures", REPO_ROOT.parent / "shared" / "fixtures"]
-    for root in roots:
-        if (root / "personaplex-tiny").is_dir():
-            return root / "personaplex-tiny"
+FIXTURES = Path(os.environ.get("DUPLEXGATE_FIXTURES") or REPO_ROOT / "tests" / "fixtures")
+FIXTURE = FIXTURES / "personaplex-tiny"
+KEY_LISTS = REPO_ROOT / "tests" / "fixtures" / "checkpoint-keys"  # published tensor names and shapes
+if not (FIXTURE / "tiny_config.json").is_file():
     raise RuntimeError(
-        f"no personaplex-tiny fixture under {[str(r) for r in roots]}: set DUPLEXGATE_FIXTURES"
+        f"no tiny fixture at {FIXTURE}: DUPLEXGATE_FIXTURES must name a directory holding personaplex-tiny/ "
+        "(the repository keeps one under tests/fixtures; see its README)"
     )
-
-
-FIXTURE = _find_fixture()
 RUNS = ("greedy_pt", "greedy_wav", "greedy_ctx24")
 
 
