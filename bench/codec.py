@@ -40,7 +40,7 @@ from gateway.audio import (  # noqa: E402
 CARRIER_RATE = 8000
 MESSAGE_SAMPLES = 160  # one Twilio media message: 20 ms of 8 kHz mu-law
 STREAM_SID = "MZ" + "0123456789abcdef" * 2
-FIXTURE_WAV = Path(__file__).resolve().parents[2] / "shared/fixtures/personaplex-tiny/input_user.wav"
+FIXTURE_WAV = Path(__file__).resolve().parents[1] / "tests/fixtures/personaplex-tiny/input_user.wav"
 
 
 # --- test material -----------------------------------------------------------------------------------

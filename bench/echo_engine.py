@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from engine.api import FRAME_SAMPLES, AgentFrame, EngineBusy, EngineError, SessionClosed, SessionSpec
+from engine.api import (
+    FRAME_SAMPLES,
+    Admission,
+    AgentFrame,
+    EngineBusy,
+    EngineError,
+    SessionClosed,
+    SessionSpec,
+)
 
 PAD_TOKEN = 3
 WORD_TOKEN = 4  # any non-pad id; the echo has no vocabulary
@@ -87,11 +95,17 @@ class EchoEngine:
         self._live: set[EchoSession] = set()
         self._ids = itertools.count(1)
 
+    async def admission(self) -> Admission:
+        if self.max_sessions is not None and self.active >= self.max_sessions:
+            return Admission(False, f"echo engine full ({self.max_sessions} sessions)")
+        return Admission(True)
+
     async def open(self, spec: SessionSpec) -> EchoSession:
         if self.fail_open is not None:
             raise EngineError(self.fail_open)
-        if self.max_sessions is not None and self.active >= self.max_sessions:
-            raise EngineBusy(f"echo engine full ({self.max_sessions} sessions)")
+        admission = await self.admission()
+        if not admission.ready:
+            raise EngineBusy(admission.reason)
         self.active += 1  # the slot is held while priming, as a real engine's would be
         try:
             if self.open_delay_s:

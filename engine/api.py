@@ -18,6 +18,7 @@ from engine.config import FRAME_SAMPLES, SAMPLE_RATE
 
 __all__ = [
     "FRAME_SAMPLES",
+    "Admission",
     "MAX_TOP_K",
     "SAMPLE_RATE",
     "AgentFrame",
@@ -65,6 +66,16 @@ class Sampling:
             value = getattr(self, name)
             if not (isinstance(value, int) and 1 <= value <= MAX_TOP_K):
                 raise ValueError(f"sampling {name} must be an integer from 1 to {MAX_TOP_K}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether the engine would take a new session now, and why not (for readiness checks and refusals)."""
+
+    ready: bool
+    reason: str = ""  # empty when ready
+    size: int | None = None  # the step size a new session would make every step, where batching applies
+    step_s: float | None = None  # what a step of that size takes now
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,11 @@ class Engine(Protocol):
 
     def count_prompt_tokens(self, prompt: str) -> int:
         """Tokens the role prompt costs (each one is a model step of the prefill)."""
+        ...
+
+    async def admission(self) -> Admission:
+        """Whether `open` would admit a session now (a free slot, steps inside the real-time budget); may
+        take a fresh measurement first. Takes no slot."""
         ...
 
     async def aclose(self) -> None: ...

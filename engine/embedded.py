@@ -37,6 +37,7 @@ class EngineSettings(Protocol):
     checkpoint: str  # local directory, hub repo id, or "" for the random demo model
     device: str  # "cuda", "cuda:1", "cpu", or "" to pick
     cuda_graphs: bool  # on CUDA, replay each step size from a CUDA graph
+    cpu_threads: int  # torch threads for a CPU engine
 
 
 def home_dir() -> Path:
@@ -51,6 +52,8 @@ def pick_device(name: str) -> torch.device:
 
 def create_default_engine(settings: EngineSettings) -> EngineWorker:
     device = pick_device(settings.device)
+    if device.type == "cpu":
+        use_cpu_threads(settings.cpu_threads)
     notice = None
     if settings.checkpoint:
         source = settings.checkpoint
@@ -72,6 +75,15 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
         banner = "!" * 100
         log.warning("%s\n%s\n(set [engine] checkpoint in the config)\n%s", banner, notice.upper(), banner)
     return build_engine(files, device, notice=notice, cuda_graphs=settings.cuda_graphs)
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Run the model's CPU kernels on `threads` threads. One is the default: the step is small enough that
+    more threads barely help on an idle machine, and when another process takes a core, threads that wait
+    for each other make steps several times slower (bench/README.md)."""
+    if threads < 1:
+        raise EngineError(f"[engine] cpu_threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def build_engine(

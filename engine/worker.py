@@ -3,18 +3,22 @@
 Every session that has a caller frame waiting joins the next step (continuous batching with an execution
 mask), so a frame waits at most one step. Model work runs on one dedicated thread, serialised, so the
 asyncio loop that talks to the gateway never blocks on the GPU/CPU. A new session is admitted only while
-there is a free slot and steps of the size it would need (the runner's step sizes, profiled at start-up
-and measured since) leave room inside the 80 ms real-time budget.
+there is a free slot and steps of the size it would need (the runner's step sizes, profiled at start-up,
+timed at every live step and re-measured before a refusal would rest on an old figure) leave room inside
+the 80 ms real-time budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import heapq
 import itertools
 import logging
+import math
 import secrets
+import statistics
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +29,15 @@ import numpy as np
 import sentencepiece
 import torch
 
-from engine.api import FRAME_SAMPLES, AgentFrame, EngineBusy, EngineError, SessionClosed, SessionSpec
+from engine.api import (
+    FRAME_SAMPLES,
+    Admission,
+    AgentFrame,
+    EngineBusy,
+    EngineError,
+    SessionClosed,
+    SessionSpec,
+)
 from engine.loading import CheckpointError, encode_role_prompt
 from engine.prompt import TEXT_PAD
 from engine.runner import BatchRunner, VoicePrefix
@@ -37,40 +49,57 @@ FRAME_BUDGET_S = FRAME_SAMPLES / 24_000  # 80 ms: a step must finish within one 
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
 STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
 MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped
+STEP_TIMES_KEPT_S = 10.0  # admission looks at the step times of the last 10 s only
+PROBE_INTERVAL_S = 2.0  # a verdict over budget older than this is re-measured before a call is refused
+PROBE_REPEATS = 3  # steps per re-measurement (their median counts)
 
 
-def _window(seconds: tuple[float, ...] = ()) -> collections.deque:
-    return collections.deque(seconds, maxlen=50)
-
-
-def _p90(window: collections.deque) -> float:
-    ordered = sorted(window)
+def _p90(values: collections.abc.Iterable[float]) -> float:
+    ordered = sorted(values)
     return ordered[int(0.9 * (len(ordered) - 1))]
 
 
 @dataclass
 class WorkerStats:
+    """Step counters, and the recent step times by step size (live steps and re-measurements) that
+    admission decides on. Samples older than `kept_s` are forgotten, so a slow start-up or a past load
+    spike stops counting by itself."""
+
     capacity: int
+    kept_s: float = STEP_TIMES_KEPT_S
     steps: int = 0
     last_step_s: float = 0.0
     recent_step_s: float = 0.0  # 90th percentile of the recent steps, whatever their size
     dropped_frames: int = 0
-    window: collections.deque = field(default_factory=_window, repr=False)
-    # Recent step times by step size (seeded from the start-up profile): what admission decides on.
-    by_size: dict[int, collections.deque] = field(default_factory=dict, repr=False)
+    window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50), repr=False)
+    # size -> (time taken, seconds), newest last
+    by_size: dict[int, collections.deque[tuple[float, float]]] = field(default_factory=dict, repr=False)
 
-    def record(self, seconds: float, size: int) -> None:
+    def record(self, seconds: float, size: int, at: float | None = None) -> None:
+        """A live step of `size` that took `seconds`."""
         self.steps += 1
         self.last_step_s = seconds
         self.window.append(seconds)
         self.recent_step_s = _p90(self.window)
-        self.by_size.setdefault(size, _window()).append(seconds)
+        self._add(size, seconds, time.monotonic() if at is None else at)
 
-    def expected_step_s(self, size: int) -> float:
-        """What a step of `size` is likely to take: its recent 90th percentile, or, for a size not yet
-        seen, that of the recent steps of any size."""
-        seen = self.by_size.get(size)
-        return _p90(seen) if seen else self.recent_step_s
+    def remeasured(self, size: int, seconds: list[float], at: float | None = None) -> None:
+        """Fresh timings of `size` replace what was known of it."""
+        self.by_size.pop(size, None)
+        for value in seconds:
+            self._add(size, value, time.monotonic() if at is None else at)
+
+    def _add(self, size: int, seconds: float, at: float) -> None:
+        self.by_size.setdefault(size, collections.deque(maxlen=50)).append((at, seconds))
+
+    def expected_step_s(self, size: int, now: float | None = None) -> tuple[float, float] | None:
+        """(median seconds, age of the newest sample) of the steps of `size` in the last `kept_s`; None
+        when there are none."""
+        now = time.monotonic() if now is None else now
+        recent = [(at, s) for at, s in self.by_size.get(size, ()) if now - at <= self.kept_s]
+        if not recent:
+            return None
+        return statistics.median(s for _, s in recent), now - recent[-1][0]
 
 
 @dataclass
@@ -190,12 +219,17 @@ class EngineWorker:
         admit_fraction: float = 0.8,  # admit while steps take at most this share of the 80 ms budget
         max_cached_voices: int = 16,
         step_profile: Mapping[int, float] | None = None,  # seconds per step size (BatchRunner.profile)
+        probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         self.runner, self.tokenizer, self.voices_dir = runner, tokenizer, voices_dir
         self.notice = notice
         self.admit_fraction = admit_fraction
-        profile = step_profile or {}
-        self.stats = WorkerStats(runner.capacity, by_size={n: _window((s,)) for n, s in profile.items()})
+        self.probe_interval_s = probe_interval_s
+        self.stats = WorkerStats(runner.capacity)
+        for size, seconds in (step_profile or {}).items():
+            self.stats.remeasured(size, [seconds])
+        self._probed: dict[int, float] = {}  # size -> when it was last re-measured
+        self._probing: dict[int, asyncio.Future[None]] = {}  # size -> its measurement under way
         self._free = list(range(runner.capacity))  # a heap: the lowest free slot goes first, which keeps
         # the busy slots packed at the front so the runner's smaller step sizes apply
         self._sessions: dict[int, WorkerSession] = {}
@@ -213,21 +247,75 @@ class EngineWorker:
     def count_prompt_tokens(self, prompt: str) -> int:
         return len(encode_role_prompt(self.tokenizer, prompt))
 
+    async def admission(self) -> Admission:
+        """Would a new session be admitted now? It is when a slot is free and the median of the last 10 s
+        of steps of the size it would need (its lowest free slot plus the busy ones) fits in
+        `admit_fraction` of the 80 ms budget. Before a call is refused on a figure older than the probe
+        interval, or when there is no figure, that size is re-measured (at most once per interval), so a
+        slow start-up or a past spike can never refuse calls for good."""
+        if self._closing:
+            return Admission(False, "the engine is shutting down")
+        if not self._free:
+            return Admission(False, f"all {self.runner.capacity} engine slots are in use")
+        size = self._size_needed()
+        budget = FRAME_BUDGET_S * self.admit_fraction
+        known = self.stats.expected_step_s(size)
+        if known is None or (known[0] > budget and known[1] > self.probe_interval_s):
+            await self._probe(size)
+            known = self.stats.expected_step_s(size) or known
+        if known is None:  # could not be measured (shutting down, or a probe failed): do not guess
+            return Admission(False, f"engine steps of size {size} could not be measured", size)
+        step_s, age_s = known
+        if step_s > budget:
+            return Admission(
+                False,
+                f"engine steps of size {size} take {step_s * 1000:.0f} ms (measured {age_s:.1f} s ago), too "
+                f"close to the {FRAME_BUDGET_S * 1000:.0f} ms real-time budget to admit another call",
+                size,
+                step_s,
+            )
+        return Admission(True, "", size, step_s)
+
+    def _size_needed(self) -> int:
+        """The step size once a new call is in: it takes the lowest free slot, and the steps then run the
+        size covering it and every busy slot."""
+        return self.runner.size_covering(max(self._free[0], *self._sessions, -1) + 1)
+
+    async def _probe(self, size: int) -> None:
+        """Re-measure steps of `size` on the model thread (between live steps), unless that was done within
+        the probe interval: refused callers cannot make the engine measure more often than that. Callers
+        asking at once share one measurement, and one who hangs up does not cancel it."""
+        probing = self._probing.get(size)
+        if probing is None:
+            if time.monotonic() - self._probed.get(size, -math.inf) < self.probe_interval_s:
+                return
+            probing = self._probing[size] = asyncio.ensure_future(self._measure(size))
+            probing.add_done_callback(lambda _: self._probing.pop(size, None))
+        await asyncio.shield(probing)
+
+    async def _measure(self, size: int) -> None:
+        try:
+            seconds = await self._run_on_model_thread(self.runner.time_steps, size, PROBE_REPEATS)
+        except Exception:
+            log.exception("engine: re-measuring steps of size %d failed", size)
+            return
+        finally:
+            self._probed[size] = time.monotonic()
+        self.stats.remeasured(size, seconds)
+        log.info(
+            "engine: steps of size %d re-measured: %s ms", size, ", ".join(f"{s * 1000:.1f}" for s in seconds)
+        )
+
     async def open(self, spec: SessionSpec) -> WorkerSession:
         if self._closing:
             raise EngineError("the engine is shutting down")
         self._ensure_loop()
-        if not self._free:
-            raise EngineBusy(f"all {self.runner.capacity} engine slots are in use")
-        # The new call takes the lowest free slot; the steps then run the size covering it and every
-        # busy slot, and must still fit in the real-time budget.
-        size = self.runner.size_covering(max(self._free[0], *self._sessions, -1) + 1)
-        expected = self.stats.expected_step_s(size)
-        if expected > FRAME_BUDGET_S * self.admit_fraction:
-            raise EngineBusy(
-                f"engine steps of size {size} take {expected * 1000:.0f} ms, too close to the "
-                f"{FRAME_BUDGET_S * 1000:.0f} ms real-time budget to admit another call"
-            )
+        while True:  # admission may measure (an await): judge again if other calls took slots meanwhile
+            admission = await self.admission()
+            if not admission.ready:
+                raise EngineBusy(admission.reason)
+            if self._free and self._size_needed() == admission.size:
+                break
         text_ids = encode_role_prompt(self.tokenizer, spec.prompt)
         slot = heapq.heappop(self._free)
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)

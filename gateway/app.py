@@ -303,7 +303,23 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
+        """Alive: the process answers. Whether it can take a call is /readyz."""
         return {"status": "ok", "calls": len(gateway.calls), "prepared": len(gateway.prepared)}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready when the engine would admit a call now (a free slot, steps inside the real-time budget);
+        503 with the engine's reason otherwise."""
+        admission = await engine.admission()
+        body: dict[str, Any] = {
+            "status": "ready" if admission.ready else "unready",
+            "calls": len(gateway.calls),
+        }
+        if not admission.ready:
+            body["reason"] = admission.reason
+        if admission.step_s is not None:
+            body["step_ms"] = round(admission.step_s * 1000, 1)
+        return JSONResponse(body, status_code=200 if admission.ready else 503)
 
     @app.post(VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:

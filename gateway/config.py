@@ -80,6 +80,7 @@ class EngineSection:
     checkpoint: str = ""  # local directory or hub repo id; empty: the random tiny demo model
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
     cuda_graphs: bool = True  # on CUDA, replay the step from CUDA graphs (false: eager, for debugging)
+    cpu_threads: int = 1  # torch threads when the engine runs on the CPU
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,13 @@ def test_loading_reports_every_wrong_tensor_with_the_file(tmp_path):
 
 def test_default_engine_serves_the_random_model_with_a_noise_notice(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DUPLEXGATE_HOME", str(tmp_path))
-    engine = create_default_engine(SimpleNamespace(checkpoint="", device="cpu", cuda_graphs=True))
+    threads = torch.get_num_threads()
+    try:
+        settings = SimpleNamespace(checkpoint="", device="cpu", cuda_graphs=True, cpu_threads=1)
+        engine = create_default_engine(settings)
+        assert torch.get_num_threads() == 1  # the demo engine runs its CPU kernels on one thread
+    finally:
+        torch.set_num_threads(threads)
     assert "noise" in (engine.notice or "")
     assert any("NOISE" in record.getMessage() for record in caplog.records)
 

@@ -136,13 +136,13 @@ async def test_sampled_sessions_report_their_seed_and_replay(worker):
 async def test_calls_are_refused_while_measured_steps_break_the_real_time_budget(worker, monkeypatch):
     worker.admit_fraction = 0.8
     session = await worker.open(SPEC)
-    real_step = worker.runner.step
+    real_run = worker.runner._run
 
-    def slow_step(pcm, active):
+    def slow_run(rows):  # every step, live or measuring, as on a machine too loaded to keep up
         time.sleep(0.07)  # 70 ms of an 80 ms frame: over the 80% admission threshold
-        return real_step(pcm, active)
+        return real_run(rows)
 
-    monkeypatch.setattr(worker.runner, "step", slow_step)
+    monkeypatch.setattr(worker.runner, "_run", slow_run)
     await talk(session, caller_frames(3))
     with pytest.raises(EngineBusy, match="real-time budget"):
         await worker.open(SPEC)
@@ -236,3 +236,64 @@ async def test_a_call_left_in_a_high_slot_moves_down_and_goes_on_exactly(worker_
     assert sorted(worker_of_four._free) == [2, 3]
     assert [f.token for f in heard] == [f.token for f in reference]
     assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(heard, reference, strict=True))
+
+
+async def test_a_slow_start_up_profile_refuses_calls_only_until_it_is_re_measured():
+    # A cold start-up timed every step at 500 ms; the engine is really far faster than that.
+    engine = tiny_worker(2, step_profile={1: 0.5, 2: 0.5}, probe_interval_s=0.3)
+    try:
+        before = await engine.admission()
+        assert not before.ready and "take 500 ms (measured 0.0 s ago)" in before.reason
+        with pytest.raises(EngineBusy, match="size 1 take 500 ms"):
+            await engine.open(SPEC)  # a figure fresher than the probe interval stands
+        await asyncio.sleep(0.35)
+        session = await engine.open(SPEC)  # the old figure is re-measured first, and the call admitted
+        step_s, age_s = engine.stats.expected_step_s(1)
+        assert step_s < 0.8 * 0.080 and age_s < 0.3
+        assert len(await talk(session, caller_frames(2))) == 2
+    finally:
+        await engine.aclose()
+
+
+async def test_a_call_is_refused_only_on_a_fresh_measurement_that_names_the_figure():
+    engine = tiny_worker(2, admit_fraction=1e-4, probe_interval_s=0.0)  # a budget no step can meet
+    timed = []
+    real_time_steps = engine.runner.time_steps
+
+    def time_steps(size, repeats):
+        timed.append(size)
+        return real_time_steps(size, repeats)
+
+    engine.runner.time_steps = time_steps
+    try:
+        with pytest.raises(EngineBusy, match=r"steps of size 1 take \d+ ms \(measured 0\.\d s ago\)"):
+            await engine.open(SPEC)
+        assert timed == [1]  # nothing was known of size 1: it was measured before refusing
+        admission = await engine.admission()
+        assert not admission.ready and admission.size == 1 and admission.step_s is not None
+        assert engine.active == 0 and sorted(engine._free) == [0, 1]
+    finally:
+        await engine.aclose()
+
+
+async def test_refused_callers_cannot_make_the_engine_measure_more_often_than_the_probe_interval():
+    engine = tiny_worker(2, step_profile={1: 0.5}, admit_fraction=1e-4, probe_interval_s=60.0)
+    engine.stats.remeasured(1, [0.5], at=time.monotonic() - 61)  # an old figure: re-measured once
+    timed = []
+    real_time_steps = engine.runner.time_steps
+    engine.runner.time_steps = lambda size, repeats: timed.append(size) or real_time_steps(size, repeats)
+    try:
+        for _ in range(20):
+            with pytest.raises(EngineBusy):
+                await engine.open(SPEC)
+        assert timed == [1]
+    finally:
+        await engine.aclose()
+
+
+async def test_admission_says_why_not_when_every_slot_is_taken(worker):
+    sessions = [await worker.open(SPEC), await worker.open(SPEC)]
+    admission = await worker.admission()
+    assert not admission.ready and admission.reason == "all 2 engine slots are in use"
+    await sessions[1].close()
+    assert (await worker.admission()).ready

@@ -32,4 +32,6 @@ def test_run_outputs_and_slim_tokens_match_the_recorded_summary(run: str) -> Non
         assert sha256((directory / name).read_bytes()) == summary[f"sha256_{name}"], name
     live_out = run_tokens(run)["live_out"]
     assert live_out.shape == (summary["n_live"], 17)
-    assert sha256(np.ascontiguousarray(live_out, dtype=np.int64).tobytes()) == summary["sha256_live_out_int64"]
+    assert (
+        sha256(np.ascontiguousarray(live_out, dtype=np.int64).tobytes()) == summary["sha256_live_out_int64"]
+    )
