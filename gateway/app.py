@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from crm_adapters.base import IncomingCall
@@ -361,6 +361,13 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     @app.websocket(MEDIA_PATH)
     async def twilio_media(websocket: WebSocket) -> None:
         await serve_media_stream(websocket, twilio, gateway)
+
+    @app.websocket("/{path:path}")
+    async def no_media_stream(websocket: WebSocket, path: str) -> None:
+        # Registered last: a stream to any other path gets 404 (Starlette's default, 403, reads as a
+        # refused signature when the URL is what is wrong).
+        text = f"no media stream at /{path}; Twilio streams go to {MEDIA_PATH}"
+        await websocket.send_denial_response(PlainTextResponse(text[:200], status_code=404))
 
     return app
 

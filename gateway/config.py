@@ -20,13 +20,14 @@ from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
+from gateway.assets import asset_root
 from gateway.escalation import EscalationPolicy, parse_escalation
 from gateway.limits import CallLimits, parse_limits
 from gateway.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "example.toml"
+EXAMPLE_CONFIG = asset_root() / "deploy" / "example.toml"
 _NUMBER_PUNCTUATION = str.maketrans("", "", " -().")
 
 

@@ -24,6 +24,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from crm_adapters.base import CrmAdapter, CrmResult, IncomingCall
+from gateway.assets import asset_root
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ __all__ = [
     "sanitise_text",
 ]
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = asset_root() / "templates"
 SAMPLE_SUFFIX = ".sample.json"  # templates/<name>.sample.json: the data `config check` renders <name>.j2 with
 PARTIALS = "partials"  # shared macros; not agents' templates themselves
 MODEL_CONTEXT_STEPS = 3000  # the model attends to its last 3000 steps; every prompt token is one of them

@@ -72,6 +72,8 @@ class SimCallSummary:
     frame_latencies_ms: list[float] = field(default_factory=list)
     closed_by: str = ""  # "carrier" (we sent stop / dropped) or "gateway"
     close_code: int | None = None
+    close_reason: str = ""  # the reason in the gateway's close frame
+    input_s: float = 0.0  # caller audio this call was to send (input plus the silent tail)
     outbound_log: list[tuple[float, str]] = field(default_factory=list)  # (time, event) in arrival order
     heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
 
@@ -100,7 +102,13 @@ class SimCallSummary:
             "frame_latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
             "closed_by": self.closed_by,
             "close_code": self.close_code,
+            "close_reason": self.close_reason,
         }
+
+    @property
+    def ended_early(self) -> bool:
+        """The gateway ended the call before the caller's audio did."""
+        return self.closed_by == "gateway"
 
 
 def read_wav_8k(path: str | Path) -> np.ndarray:
@@ -314,6 +322,7 @@ class _CallRun:
         padded = np.concatenate([pcm, silence])
         padded = np.concatenate([padded, np.zeros(-len(padded) % CHUNK, np.int16)])
         self.ulaw = audioop.lin2ulaw(padded.astype("<i2").tobytes(), 2)
+        summary.input_s = len(padded) / RATE
         self.params = params
         self.schedule = sorted(
             [(t, "dtmf", d) for d, t in dtmf] + [(t, "inject", m) for t, m in inject], key=lambda x: x[0]
@@ -416,7 +425,7 @@ class _CallRun:
             # would say so too, may not have seen the close yet when it is cancelled).
             if not self.s.closed_by:
                 self.s.closed_by = "gateway"
-                self.s.close_code = self.ws.close_code
+                self.s.close_code, self.s.close_reason = self.ws.close_code, self.ws.close_reason or ""
             return
 
     async def _scheduled(self, _at: float, kind: str, what: str | bytes) -> None:
@@ -459,7 +468,7 @@ class _CallRun:
             pass
         if not self.s.closed_by:
             self.s.closed_by = "gateway"
-        self.s.close_code = self.ws.close_code
+        self.s.close_code, self.s.close_reason = self.ws.close_code, self.ws.close_reason or ""
         if self.ended_at is None:
             self.ended_at = self.loop.time()
         self.gone.set()

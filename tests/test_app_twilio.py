@@ -51,6 +51,27 @@ async def test_healthz_answers_ok(live_gateway) -> None:
     assert response.json() == {"status": "ok", "calls": 0, "prepared": 0}
 
 
+async def test_readyz_says_the_real_engine_would_admit_a_call_and_its_step_time(live_gateway) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(live_gateway.base_url + "/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready" and 0 < body["step_ms"] < 0.8 * 80
+
+
+async def test_readyz_is_503_with_the_reason_while_no_call_can_be_admitted(start_gateway) -> None:
+    live = start_gateway(EchoEngine(max_sessions=1))
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(live.base_url + "/readyz")).status_code == 200
+        await client.post(live.webhook, data=voice_form())  # primes a session: the only slot is taken
+        assert await live.until(lambda: live.engine.active == 1)
+        response = await client.get(live.base_url + "/readyz")
+        alive = await client.get(live.base_url + "/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unready", "calls": 0, "reason": "echo engine full (1 sessions)"}
+    assert alive.status_code == 200  # alive all the same
+
+
 async def test_voice_webhook_answers_twiml_with_stream_and_token_and_starts_priming(echo_gateway) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.post(echo_gateway.webhook, data=voice_form())
