@@ -38,6 +38,7 @@ class EngineSettings(Protocol):
     device: str  # "cuda", "cuda:1", "cpu", or "" to pick
     cuda_graphs: bool  # on CUDA, replay each step size from a CUDA graph
     cpu_threads: int  # torch threads for a CPU engine
+    slots: int  # calls held at once; 0: as many as fit (GPU memory), 8 on a CPU
 
 
 def home_dir() -> Path:
@@ -74,7 +75,11 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
         notice = NOISE_NOTICE
         banner = "!" * 100
         log.warning("%s\n%s\n(set [engine] checkpoint in the config)\n%s", banner, notice.upper(), banner)
-    return build_engine(files, device, notice=notice, cuda_graphs=settings.cuda_graphs)
+    if settings.slots < 0:
+        raise EngineError(f"[engine] slots must be 0 (automatic) or more, got {settings.slots}")
+    return build_engine(
+        files, device, settings.slots or None, notice=notice, cuda_graphs=settings.cuda_graphs
+    )
 
 
 def use_cpu_threads(threads: int) -> None:

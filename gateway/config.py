@@ -82,6 +82,7 @@ class EngineSection:
     device: str = ""  # "cuda", "cuda:1", "cpu"; empty: the engine picks
     cuda_graphs: bool = True  # on CUDA, replay the step from CUDA graphs (false: eager, for debugging)
     cpu_threads: int = 1  # torch threads when the engine runs on the CPU
+    slots: int = 0  # calls the engine holds at once; 0: as many as fit in GPU memory, 8 on a CPU
 
 
 @dataclass(frozen=True)
