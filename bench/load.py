@@ -58,9 +58,9 @@ def serve(port: int, ws: str, loop: str) -> None:
     """Run the gateway on 127.0.0.1:port with the echo engine (the benchmark's subprocess)."""
     import uvicorn
 
-    from bench.echo_engine import EchoEngine
-    from gateway.app import create_app
+    from engine.echo import EchoEngine
     from gateway.config import load_config
+    from gateway.edge.app import create_app
 
     app = create_app(load_config(env={}), EchoEngine())
     uvicorn.run(app, host="127.0.0.1", port=port, ws=ws, loop=loop, log_level="error", ws_max_size=1 << 20)
@@ -99,7 +99,7 @@ def _callers(url: str, count: int, seconds: float, stagger_s: float, offset: int
     import warnings
 
     warnings.simplefilter("ignore", DeprecationWarning)
-    from gateway.simcarrier import simulate_call
+    from gateway.simulator.twilio import simulate_call
 
     rng = np.random.default_rng(offset)
     audio = (rng.standard_normal(int(seconds * 8000)) * 800).astype(np.int16)  # quiet noise

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gateway.agents.prompts import RolePrompt
     from gateway.config import GatewayConfig
-    from gateway.prompts import RolePrompt
 
 log = logging.getLogger("duplexgate")
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.edge.app import create_app
 
     loaded = _checked_config(args.config, "duplexgate")
     if isinstance(loaded, int):
@@ -190,7 +190,7 @@ def _call_inputs(args: argparse.Namespace):
     """The caller audio (8 kHz int16) and DTMF schedule, or CallFailed(status 2) naming what is wrong."""
     import wave
 
-    from gateway.simcarrier import read_wav_8k
+    from gateway.simulator.twilio import read_wav_8k
 
     if not args.url and not args.webhook:
         raise CallFailed("give --url, --webhook, or both", 2)
@@ -225,7 +225,7 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
     import httpx
     from websockets.exceptions import InvalidHandshake, InvalidURI
 
-    from gateway.simcarrier import simulate_call
+    from gateway.simulator.twilio import simulate_call
 
     try:
         return await simulate_call(
@@ -252,7 +252,7 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
 
 
 def write_wav_output(path: str, heard, rate: int) -> None:
-    from gateway.simcarrier import write_wav
+    from gateway.simulator.twilio import write_wav
 
     try:
         write_wav(path, heard, rate=rate)
@@ -263,8 +263,8 @@ def write_wav_output(path: str, heard, rate: int) -> None:
 def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
     """Count prompt tokens with the configured checkpoint's tokenizer (no model is loaded)."""
     from engine.loading import CheckpointError
+    from gateway.agents.prompts import prompt_token_counter
     from gateway.config import ConfigError
-    from gateway.prompts import prompt_token_counter
 
     try:
         return prompt_token_counter(config.engine.checkpoint)
@@ -275,7 +275,7 @@ def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
 def prompt_problems(config: GatewayConfig, count_tokens: Callable[[str], int]) -> list[str]:
     """Every role-prompt problem of `config`: template syntax, templates against their sample data, and each
     agent's prompt with its sample record and without one, within its token budget."""
-    from gateway.prompts import PromptRenderer, check_agent, check_templates
+    from gateway.agents.prompts import PromptRenderer, check_agent, check_templates
 
     renderer = PromptRenderer(config.templates_dir)
     problems = check_templates(renderer)
@@ -310,8 +310,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _prompt_render(args: argparse.Namespace) -> int:
     from crm_adapters.base import CrmResult, IncomingCall
+    from gateway.agents.prompts import PromptError, PromptRenderer, prepare_role_prompt, render_role_prompt
     from gateway.config import ConfigError, load_config
-    from gateway.prompts import PromptError, PromptRenderer, prepare_role_prompt, render_role_prompt
 
     try:
         config = load_config(args.config)

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
+from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
 from gateway.assets import asset_root
-from gateway.escalation import EscalationPolicy, parse_escalation
-from gateway.limits import CallLimits, parse_limits
-from gateway.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
+from gateway.call.escalation import EscalationPolicy, parse_escalation
+from gateway.call.limits import CallLimits, parse_limits
 
 log = logging.getLogger(__name__)
 

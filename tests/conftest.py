@@ -37,14 +37,14 @@ import pytest
 import torch
 import uvicorn
 
-from bench.echo_engine import EchoEngine
 from engine.api import Engine
 from engine.checkpoint import write_random_checkpoint
+from engine.echo import EchoEngine
 from engine.embedded import build_engine
 from engine.loading import resolve_checkpoint
-from gateway.app import create_app
 from gateway.cli import WS_IMPLEMENTATION
 from gateway.config import EXAMPLE_CONFIG, GatewayConfig, parse_config
+from gateway.edge.app import create_app
 
 # One CPU thread, as the engine runs on a CPU by default and as the fixture's recordings were made: a
 # single test file then computes exactly what the whole suite does.

@@ -17,11 +17,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bench.echo_engine import EchoEngine
-from gateway.call import CallNotice
+from engine.echo import EchoEngine
+from gateway.call.session import CallNotice
 from gateway.config import ConfigError, load_config
-from gateway.simcarrier import fetch_twiml, simulate_call
-from gateway.transports.twilio import compute_signature
+from gateway.edge.transports.twilio import compute_signature
+from gateway.simulator.twilio import fetch_twiml, simulate_call
 
 TOKEN = "test-auth-token-0123456789abcdef"
 CHUNK_S = 0.02  # Twilio media cadence
@@ -174,7 +174,7 @@ async def test_malformed_messages_are_dropped_and_the_call_goes_on(live_gateway,
         json.dumps({"event": "mark", "streamSid": "MZ1"}),
         "x" * (70 * 1024),
     ]
-    caplog.set_level(logging.WARNING, logger="gateway.app")
+    caplog.set_level(logging.WARNING, logger="gateway.edge.app")
     summary = await simulate_call(
         live_gateway.ws_url, tone_wav(440, 1.0), inject=[(0.3, m) for m in garbage], tail_s=0.26
     )
@@ -207,7 +207,7 @@ async def test_carrier_that_disconnects_mid_call_frees_the_engine_session(echo_g
 
 async def test_engine_busy_at_open_closes_the_stream(start_gateway, tone_wav, caplog) -> None:
     live = start_gateway(EchoEngine(max_sessions=0))
-    caplog.set_level(logging.WARNING, logger="gateway.call")
+    caplog.set_level(logging.WARNING, logger="gateway.call.session")
     summary = await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook)
     assert (summary.closed_by, summary.media_received) == ("gateway", 0)
     assert summary.media_sent < 25  # closed well before the caller's 2 s of audio ran out

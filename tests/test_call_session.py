@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.echo_engine import EchoEngine
 from engine.api import SessionSpec
-from gateway.call import FRAME_S, CallNotice, CallSession
-from gateway.events import (
+from engine.echo import EchoEngine
+from gateway.call.events import (
     CallerAudio,
     CallStarted,
     CallStopped,
@@ -23,6 +22,7 @@ from gateway.events import (
     PlaceMark,
     PlayAudio,
 )
+from gateway.call.session import FRAME_S, CallNotice, CallSession
 
 CHUNK = bytes([0xFF]) * 160  # 20 ms of mu-law silence, as Twilio sends it
 FRAME_CHUNKS = 4  # 80 ms model frame = 4 carrier chunks

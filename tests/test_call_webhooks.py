@@ -12,8 +12,8 @@ import pytest
 from callaudio import speech_like
 
 from gateway.config import ConfigError
-from gateway.simcarrier import simulate_call
-from gateway.webhooks import verify
+from gateway.ops.webhooks import verify
+from gateway.simulator.twilio import simulate_call
 
 SECRET = "whsec-test-0123456789"
 ENV = {"TEST_WEBHOOK_SECRET": SECRET}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.echo_engine import EchoEngine
+from engine.echo import EchoEngine
 from gateway.cli import main
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from services import RedisServer, redis_server  # noqa: F401 (a fixture)
 
-from bench.echo_engine import EchoEngine
-from gateway.simcarrier import SimCallSummary, simulate_call
+from engine.echo import EchoEngine
+from gateway.simulator.twilio import SimCallSummary, simulate_call
 
 API_KEY = "control-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -12,9 +12,9 @@ import pytest
 from callaudio import speech_like
 from conftest import TEST_AUTH_TOKEN
 
-from gateway import escalation
-from gateway.escalation import parse_escalation
-from gateway.simcarrier import simulate_call
+from gateway.call import escalation
+from gateway.call.escalation import parse_escalation
+from gateway.simulator.twilio import simulate_call
 
 ACCOUNT = "AC" + "0" * 32  # what the simulated carrier puts in start.accountSid
 HUMAN = "+15550009999"

@@ -15,7 +15,7 @@ from tinymodel import FIXTURE
 
 from crm_adapters.base import CrmResult, IncomingCall, create_adapter
 from engine.loading import encode_role_prompt, load_text_tokenizer
-from gateway.prompts import (
+from gateway.agents.prompts import (
     FIELD_MAX_CHARS,
     CrmBinding,
     PromptBudgetError,

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from bench.echo_engine import EchoEngine
+from engine.echo import EchoEngine
 from gateway.cli import main
 from gateway.config import EXAMPLE_CONFIG, ConfigError, load_config
-from gateway.simcarrier import fetch_twiml, simulate_call
+from gateway.simulator.twilio import fetch_twiml, simulate_call
 
 SERVICE_AGENT = """
 [engine]

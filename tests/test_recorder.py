@@ -14,13 +14,13 @@ import pytest
 import torch
 from services import free_port
 
-from bench.echo_engine import EchoEngine
-from gateway.app import Gateway
+from engine.echo import EchoEngine
 from gateway.config import load_config
-from gateway.recorder import CallRecorder
-from gateway.simcarrier import simulate_call
-from gateway.store import LiveCall, MemoryStore
-from gateway.transports.twilio import TwilioDialect
+from gateway.edge.app import Gateway
+from gateway.edge.transports.twilio import TwilioDialect
+from gateway.ops.recorder import CallRecorder
+from gateway.ops.store import LiveCall, MemoryStore
+from gateway.simulator.twilio import simulate_call
 
 API_KEY = "recorder-test-key-0123456789"
 FRAME_CHUNKS = 4  # 20 ms carrier chunks per 80 ms engine frame
@@ -133,7 +133,7 @@ async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_
 
 
 async def test_a_call_whose_media_stream_never_comes_still_leaves_a_record(start_gateway, engine) -> None:
-    from gateway.simcarrier import fetch_twiml
+    from gateway.simulator.twilio import fetch_twiml
 
     live = start_gateway(engine, call_token_ttl_s=0.3)
     sid = "CA" + "6" * 32

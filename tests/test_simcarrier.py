@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.cli import main
-from gateway.simcarrier import RATE, simulate_call
-from gateway.transports.twilio import compute_signature
+from gateway.edge.transports.twilio import compute_signature
+from gateway.simulator.twilio import RATE, simulate_call
 
 Script = Callable[[ServerConnection, "Peer"], Awaitable[None]]
 

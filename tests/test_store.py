@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from services import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 
-from gateway.call import TranscriptPiece
-from gateway.records import CallRecord, Escalation, RecordFormatError
-from gateway.store import CallCommand, CallStore, LiveCall, MemoryStore, RedisStore, StoreError
+from gateway.call.session import TranscriptPiece
+from gateway.ops.records import CallRecord, Escalation, RecordFormatError
+from gateway.ops.store import CallCommand, CallStore, LiveCall, MemoryStore, RedisStore, StoreError
 
 SHORT_TTL_S = 0.4  # for expiry tests: long enough for a loaded machine to heartbeat, short for the suite
 WAIT_LIMIT_S = 5.0

@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from gateway.events import (
+from gateway.call.events import (
     CallerAudio,
     CallStarted,
     CallStopped,
@@ -23,7 +23,7 @@ from gateway.events import (
     PlayAudio,
     StreamConnected,
 )
-from gateway.transports.twilio import (
+from gateway.edge.transports.twilio import (
     TwilioDialect,
     compute_signature,
     connect_stream_twiml,

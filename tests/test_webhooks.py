@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from services import free_port
 
-from gateway.webhooks import (
+from gateway.ops.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     DeliveryPolicy,
@@ -341,7 +341,7 @@ async def test_a_dropped_event_is_logged_with_its_call_and_event_id(
 ) -> None:
     sender = WebhookSender(FAST, queue_size=1, workers=1)
     first, second = started(call_id="CA0100"), started(call_id="CA0101")
-    with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="gateway.ops.webhooks"):
         sender.emit(f"{receiver.url}/ok", SECRET, first)
         sender.emit(f"{receiver.url}/ok", SECRET, second)
     await sender.aclose()
@@ -354,7 +354,7 @@ async def test_a_flood_warns_once_with_a_count_not_once_per_dropped_event(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     sender = WebhookSender(FAST, queue_size=1, workers=1)
-    with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="gateway.ops.webhooks"):
         for n in range(50):
             sender.emit(f"{receiver.url}/ok", SECRET, started(call_id=f"CA{n:04d}"))
         await sender.aclose()

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
 
-from gateway.events import (
+from gateway.call.events import (
     CallEvent,
     ClearAudio,
     OutboundCommand,

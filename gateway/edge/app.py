@@ -25,22 +25,22 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
-from gateway.call import CallNotice, CallSession, NoticeHook
+from gateway.agents.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
+from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
+from gateway.call.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.call.session import CallNotice, CallSession, NoticeHook
 from gateway.config import AgentConfig, GatewayConfig
-from gateway.control import install_control
-from gateway.escalation import EscalationActions, EscalationPolicy, escalate
-from gateway.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
-from gateway.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
-from gateway.records import CallRecord
-from gateway.transports.base import CarrierDialect
-from gateway.transports.twilio import (
+from gateway.edge.transports.base import CarrierDialect
+from gateway.edge.transports.twilio import (
     MEDIA_PATH,
     VOICE_PATH,
     TwilioCallControl,
     TwilioDialect,
     connect_stream_twiml,
 )
-from gateway.webhooks import WebhookEvent, WebhookSender
+from gateway.ops.control import install_control
+from gateway.ops.records import CallRecord
+from gateway.ops.webhooks import WebhookEvent, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         yield
         await gateway.shutdown()
         await control.aclose()
-        if gateway.webhooks is not None:
-            await gateway.webhooks.aclose()  # bounded: delivers what it can of the last events
+        if gateway.ops.webhooks is not None:
+            await gateway.ops.webhooks.aclose()  # bounded: delivers what it can of the last events
 
     app = FastAPI(title="duplexgate", lifespan=lifespan)
     app.state.gateway = gateway

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gateway.call import TranscriptPiece
+from gateway.call.session import TranscriptPiece
 
 RECORD_VERSION = 1  # bump when a field changes meaning; readers refuse versions they do not know
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.api import FRAME_SAMPLES, SAMPLE_RATE, AgentFrame, EngineSession, SessionClosed
 from gateway.audio import InboundAudio, OutboundAudio
-from gateway.events import (
+from gateway.call.events import (
     CallerAudio,
     CallEvent,
     CallStarted,
@@ -39,7 +39,7 @@ from gateway.events import (
     PlayAudio,
     StreamConnected,
 )
-from gateway.limits import CallLimits, LimitEvent, LimitGuard
+from gateway.call.limits import CallLimits, LimitEvent, LimitGuard
 
 log = logging.getLogger(__name__)
 

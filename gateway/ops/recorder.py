@@ -15,13 +15,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.call import FRAME_S, CallNotice, CallSession
-from gateway.records import CallRecord, Escalation
-from gateway.store import CallStore, LiveCall
+from gateway.call.session import FRAME_S, CallNotice, CallSession
+from gateway.ops.records import CallRecord, Escalation
+from gateway.ops.store import CallStore, LiveCall
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.config import AgentConfig
+    from gateway.edge.app import Gateway
 
 log = logging.getLogger(__name__)
 

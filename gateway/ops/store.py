@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from gateway.records import CallRecord
+from gateway.ops.records import CallRecord
 
 log = logging.getLogger(__name__)
 

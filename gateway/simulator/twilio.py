@@ -30,7 +30,7 @@ import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.transports.twilio import compute_signature
+from gateway.edge.transports.twilio import compute_signature
 
 with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
-from gateway.call import CallNotice, CallSession
-from gateway.recorder import CallRecorder
-from gateway.store import (
+from gateway.call.session import CallNotice, CallSession
+from gateway.ops.recorder import CallRecorder
+from gateway.ops.store import (
     MAX_RECORDS_PAGE,
     CallCommand,
     CallStore,
@@ -35,7 +35,7 @@ from gateway.store import (
 )
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.edge.app import Gateway
 
 log = logging.getLogger(__name__)
 

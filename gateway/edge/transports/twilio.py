@@ -18,7 +18,7 @@ from xml.etree import ElementTree
 
 import orjson
 
-from gateway.events import (
+from gateway.call.events import (
     CallerAudio,
     CallEvent,
     CallStarted,
@@ -29,7 +29,7 @@ from gateway.events import (
     MediaFormat,
     StreamConnected,
 )
-from gateway.transports.base import CarrierDialect
+from gateway.edge.transports.base import CarrierDialect
 
 SIGNATURE_HEADER = "x-twilio-signature"
 MEDIA_PATH = "/twilio/media"
