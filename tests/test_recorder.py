@@ -16,11 +16,10 @@ from services import free_port
 
 from engine.echo import EchoEngine
 from gateway.config import load_config
-from gateway.edge.app import Gateway
-from gateway.edge.transports.twilio import TwilioDialect
 from gateway.ops.recorder import CallRecorder
 from gateway.ops.store import LiveCall, MemoryStore
 from gateway.simulator.twilio import simulate_call
+from gateway.switchboard import Switchboard
 
 API_KEY = "recorder-test-key-0123456789"
 FRAME_CHUNKS = 4  # 20 ms carrier chunks per 80 ms engine frame
@@ -120,7 +119,7 @@ async def test_record_hooks_hear_each_record_once_it_is_stored(start_gateway, en
 
 async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_stops() -> None:
     store = MemoryStore(live_ttl_s=0.3)  # the recorder beats three times inside it
-    gateway = Gateway(load_config(), EchoEngine(), TwilioDialect())
+    gateway = Switchboard(load_config(), EchoEngine())
     recorder = CallRecorder(gateway, store, "replica-hb")
     await store.register(LiveCall(call_id="CA" + "5" * 32, replica="replica-hb"))
     await recorder.start()

@@ -35,7 +35,7 @@ from gateway.ops.store import (
 )
 
 if TYPE_CHECKING:
-    from gateway.edge.app import Gateway
+    from gateway.switchboard import Switchboard
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def default_replica_id() -> str:
 class ControlPlane:
     """One gateway's store, recorder, command listener and control routes."""
 
-    def __init__(self, gateway: Gateway, store: CallStore, replica_id: str, api_key: str | None) -> None:
+    def __init__(self, gateway: Switchboard, store: CallStore, replica_id: str, api_key: str | None) -> None:
         self.gateway = gateway
         self.store = store
         self.replica_id = replica_id
@@ -223,7 +223,7 @@ def _store_errors() -> Iterator[None]:
         raise HTTPException(503, f"call store unavailable: {exc}") from exc
 
 
-def install_control(gateway: Gateway) -> ControlPlane:
+def install_control(gateway: Switchboard) -> ControlPlane:
     """The control plane for `gateway` as its config says; its recorder hears every call notice."""
     config = gateway.config
     replica_id = config.store.replica_id or default_replica_id()

@@ -21,7 +21,7 @@ from gateway.ops.store import CallStore, LiveCall
 
 if TYPE_CHECKING:
     from gateway.config import AgentConfig
-    from gateway.edge.app import Gateway
+    from gateway.switchboard import Switchboard
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class CallRecorder:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Switchboard,
         store: CallStore,
         replica_id: str,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,

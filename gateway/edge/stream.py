@@ -1,0 +1,164 @@
+"""One carrier media stream from upgrade to close, for any carrier dialect: authenticate the upgrade, wait
+for `start`, claim the call the voice webhook prepared (or prime one now), then bridge the carrier's
+messages to the CallSession until either side ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from crm_adapters.base import IncomingCall
+from gateway.call.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.call.session import CallSession
+from gateway.edge.transports.base import CarrierDialect
+from gateway.switchboard import Switchboard
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big is not a media message
+TOKEN_PARAMETER = "token"
+POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
+
+
+async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
+    """One carrier media stream from upgrade to close; works for any dialect that reports CallStarted."""
+    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
+    if not dialect.verify_upgrade(websocket.url.path, websocket.headers):
+        log.warning("%s stream from %s: bad or missing signature; refused before accept", dialect.name, peer)
+        await websocket.close(code=POLICY_VIOLATION)  # before accept: the server answers HTTP 403
+        return
+    await websocket.accept()
+    try:
+        async with asyncio.timeout(gateway.config.server.stream_start_timeout_s):
+            started = await _wait_for_start(websocket, dialect, peer)
+    except TimeoutError:
+        timeout_s = gateway.config.server.stream_start_timeout_s
+        log.warning("%s stream from %s: no start within %.1f s; closed", dialect.name, peer, timeout_s)
+        await _close(websocket, POLICY_VIOLATION)
+        return
+    if started is None:  # the carrier went away before starting
+        return
+    call_id = started.call_id
+    token = started.custom_parameters.get(TOKEN_PARAMETER)
+    if token is not None:
+        prepared = gateway.prepared.claim(call_id, token)
+        if prepared is None:
+            log.warning(
+                "call %s: stream token unknown, expired, already used or for another call; closed", call_id
+            )
+            await _close(websocket, POLICY_VIOLATION)
+            return
+        started = replace(
+            started, caller=started.caller or prepared.caller, called=started.called or prepared.called
+        )
+        agent = prepared.agent
+        engine_session = prepared.engine_session
+    else:
+        # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent.
+        agent = gateway.config.agent_for(started.called)
+        log.info("call %s: stream without a token; priming agent %s now", call_id, agent.name)
+        incoming = IncomingCall(
+            call_id, caller=started.caller, called=started.called, params=dict(started.custom_parameters)
+        )
+        engine_session = gateway.open_engine_session(agent, incoming)
+
+    stream_id = started.stream_id
+
+    async def send(command: OutboundCommand) -> None:
+        if isinstance(command, EndStream):
+            await _close(websocket, 1000, command.reason)
+        else:
+            await websocket.send_text(dialect.render(command, stream_id))  # type: ignore[arg-type]
+
+    try:
+        limits = agent.limits.with_overrides(started.custom_parameters)
+    except ValueError as exc:
+        log.warning("call %s: ignoring bad per-call limits (%s); using agent %s's", call_id, exc, agent.name)
+        limits = agent.limits
+    call = CallSession(
+        started,
+        engine_session,
+        send,
+        max_ahead_s=gateway.config.server.carrier_buffer_s,
+        on_notice=gateway.notice,
+        limits=limits,
+        role_prompt=lambda: gateway.role_prompt_text(call_id),
+        agent=agent.name,
+        phrases=agent.escalation.compiled_phrases(),
+        escalates=agent.escalation.handles,
+    )
+    if call_id in gateway.calls:
+        log.warning("call %s: a second media stream replaces the first", call_id)
+        await gateway.calls[call_id].end("replaced_by_new_stream")
+    gateway.calls[call_id] = call
+    call.start()
+    try:
+        await _bridge(websocket, dialect, call)
+    finally:
+        await call.end("carrier_disconnected", notify_carrier=False)
+        if gateway.calls.get(call_id) is call:
+            del gateway.calls[call_id]
+        await _close(websocket, 1000, call.end_reason or "")
+
+
+async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: str) -> CallStarted | None:
+    while True:
+        raw = await _receive(websocket)
+        if raw is None:
+            return None
+        try:
+            event = dialect.parse(raw)
+        except MalformedMessage as exc:
+            log.warning(
+                "%s stream from %s: dropped malformed message before start: %s", dialect.name, peer, exc
+            )
+            continue
+        if isinstance(event, CallStarted):
+            return event
+        # `connected` precedes `start`; anything else before `start` has no call to go to.
+
+
+async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession) -> None:
+    while not call.ended:
+        raw = await _receive(websocket)
+        if raw is None:
+            return
+        if len(raw) > MAX_MESSAGE_BYTES:
+            call.stats.malformed_messages += 1
+            log.warning(
+                "call %s: dropped a %d-byte message (limit %d)", call.call_id, len(raw), MAX_MESSAGE_BYTES
+            )
+            continue
+        try:
+            event = dialect.parse(raw)
+        except MalformedMessage as exc:
+            call.stats.malformed_messages += 1
+            log.warning("call %s: dropped malformed message: %s", call.call_id, exc)
+            continue
+        await call.handle(event)
+
+
+async def _receive(websocket: WebSocket) -> str | bytes | None:
+    """The next message's text or bytes; None once the peer has gone."""
+    message: Mapping[str, Any] = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
+
+
+async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
+    if WebSocketState.DISCONNECTED in (websocket.application_state, websocket.client_state):
+        return  # closed already, by us or by the peer
+    try:
+        # A close reason is capped at 123 bytes of UTF-8.
+        await websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore"))
+    except (RuntimeError, OSError, WebSocketDisconnect):
+        pass  # the peer went away meanwhile
