@@ -19,7 +19,8 @@ from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.agents.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
 from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
-from gateway.call.session import CallNotice, CallSession, NoticeHook
+from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
+from gateway.call.session import CallSession
 from gateway.config import AgentConfig, GatewayConfig
 from gateway.ops.records import CallRecord
 from gateway.ops.webhooks import WebhookEvent, WebhookSender
@@ -147,9 +148,9 @@ class Switchboard:
         if policy is None:
             return
         trigger = notice.kind
-        if trigger == "dtmf" and notice.detail not in policy.dtmf:
+        if trigger == NoticeKind.DTMF and notice.detail not in policy.dtmf:
             return
-        if trigger == "context_horizon" and notice.detail != "hand_off":
+        if trigger == NoticeKind.CONTEXT_HORIZON and notice.detail != "hand_off":
             return  # wrap_up and reanchor are the limit's own course
         if policy.actions_for(trigger):
             self.start_escalation(call, policy, trigger, notice.detail)
@@ -180,8 +181,8 @@ class Switchboard:
             raise RuntimeError("no carrier call control to transfer with")
         await self._transfer_call(call, target)
 
-    def _escalation_notice(self, call: CallSession, kind: str, detail: str) -> None:
-        self.notice(CallNotice(kind, call.call_id, round(call.caller_clock_s, 3), detail))
+    def _escalation_notice(self, call: CallSession, notice: CallNotice) -> None:
+        self.notice(notice)
 
     def _escalation_webhook(self, call: CallSession, trigger: str, reason: str) -> None:
         at_s = round(call.caller_clock_s, 3)
@@ -201,10 +202,10 @@ class Switchboard:
 
     def _publish_notice(self, notice: CallNotice) -> None:
         call = self.calls.get(notice.call_id)
-        if notice.kind == "started" and call is not None:
+        if notice.kind == NoticeKind.STARTED and call is not None:
             data = {"caller": call.started.caller, "called": call.started.called, "agent": call.agent}
             self.publish("call.started", notice.call_id, data)
-        elif notice.kind == "warning":
+        elif notice.kind == NoticeKind.WARNING:
             self.publish("call.warning", notice.call_id, {"detail": notice.detail, "at_s": notice.at_s})
 
     def publish_record(self, record: CallRecord) -> None:

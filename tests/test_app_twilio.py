@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from engine.echo import EchoEngine
-from gateway.call.session import CallNotice
+from gateway.call.notices import CallNotice
 from gateway.config import ConfigError, load_config
 from gateway.edge.transports.twilio import compute_signature
 from gateway.simulator.twilio import fetch_twiml, simulate_call

@@ -22,7 +22,8 @@ from gateway.call.events import (
     PlaceMark,
     PlayAudio,
 )
-from gateway.call.session import FRAME_S, CallNotice, CallSession
+from gateway.call.notices import CallNotice
+from gateway.call.session import FRAME_S, CallSession
 
 CHUNK = bytes([0xFF]) * 160  # 20 ms of mu-law silence, as Twilio sends it
 FRAME_CHUNKS = 4  # 80 ms model frame = 4 carrier chunks

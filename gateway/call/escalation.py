@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.call.notices import CallNotice, Escalation, NoticeKind
+
 log = logging.getLogger(__name__)
 
 TRIGGERS = (
@@ -98,6 +100,7 @@ class EscalatingCall(Protocol):
 
     call_id: str
     max_ahead_s: float
+    caller_clock_s: float
 
     @property
     def ended(self) -> bool: ...
@@ -115,7 +118,7 @@ class EscalationActions:
 
     transfer: Callable[[EscalatingCall, str], Awaitable[None]]  # (call, target)
     webhook: Callable[[EscalatingCall, str, str], None]  # (call, trigger, reason): emits call.escalated
-    notify: Callable[[EscalatingCall, str, str], None]  # (call, kind, detail): a call notice
+    notify: Callable[[EscalatingCall, CallNotice], None]  # (call, notice): tell the call's listeners
 
 
 async def escalate(
@@ -124,7 +127,8 @@ async def escalate(
     """Carry out the trigger's actions, in order. A failing action is logged and the rest still run;
     if the call could not be handed off, it is ended rather than left in limbo."""
     steps = policy.actions_for(trigger)
-    actions.notify(call, "escalated", f"{trigger}: {reason}; actions {','.join(steps) or 'none'}")
+    escalation = Escalation(round(call.caller_clock_s, 3), trigger, reason, steps)
+    actions.notify(call, _notice(call, NoticeKind.ESCALATED, f"{trigger}: {reason}", escalation))
     handed_off = False
     for action in steps:
         if call.ended:
@@ -142,10 +146,16 @@ async def escalate(
                 await call.end(f"escalated_{trigger}")
         except Exception as exc:
             log.warning("call %s: escalation action %s failed (%s)", call.call_id, action, exc)
-            actions.notify(call, "escalation_failed", f"{action}: {exc}")
+            actions.notify(call, _notice(call, NoticeKind.ESCALATION_FAILED, f"{action}: {exc}"))
     if handed_off and not call.ended:
         # The carrier stops the stream once the transfer takes over; if it does not, let go of the call.
         await asyncio.sleep(TRANSFER_GRACE_S)
         await call.end(f"transferred_{trigger}", notify_carrier=False)
     elif not handed_off and trigger in ("max_duration", "silence_timeout", "engine_lost") and not call.ended:
         await call.end(trigger)  # a hard limit still ends the call when no one took it over
+
+
+def _notice(
+    call: EscalatingCall, kind: NoticeKind, detail: str, escalation: Escalation | None = None
+) -> CallNotice:
+    return CallNotice(kind, call.call_id, round(call.caller_clock_s, 3), detail, escalation)

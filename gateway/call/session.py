@@ -40,6 +40,7 @@ from gateway.call.events import (
     StreamConnected,
 )
 from gateway.call.limits import CallLimits, LimitEvent, LimitGuard
+from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ class TranscriptPiece:
 
     at_s: float
     text: str
-
-
-@dataclass(frozen=True)
-class CallNotice:
-    """Something that happened on a call, for hooks (escalation, limits, records) to react to."""
-
-    kind: str  # "started", "dtmf", "ended"; limits: "warning", "max_duration", "silence_timeout",
-    # "context_horizon", "reanchored"
-    call_id: str
-    at_s: float  # caller audio clock
-    detail: str = ""
-
-
-NoticeHook = Callable[[CallNotice], None]
 
 
 @dataclass
@@ -177,7 +164,7 @@ class CallSession:
         """Begin serving the call: wait for the engine session, then stream agent frames back."""
         if self._agent_task is None:
             self._agent_task = asyncio.create_task(self._serve_agent(), name=f"agent:{self.call_id}")
-            self._notify("started", f"stream {self.started.stream_id}")
+            self._notify(NoticeKind.STARTED, f"stream {self.started.stream_id}")
 
     async def handle(self, event: CallEvent) -> None:
         """Apply one inbound event; an event that makes no sense now is logged and dropped."""
@@ -193,7 +180,7 @@ class CallSession:
             return
         elif isinstance(event, DtmfPressed):
             self.stats.dtmf.append(event.digit)
-            self._notify("dtmf", event.digit)
+            self._notify(NoticeKind.DTMF, event.digit)
         elif isinstance(event, CallStopped):
             await self.end(f"carrier_{event.reason}", notify_carrier=False)
         elif isinstance(event, CallStarted | StreamConnected):
@@ -224,7 +211,7 @@ class CallSession:
         if self._agent_task is not None and self._agent_task is not current:
             await asyncio.gather(self._agent_task, return_exceptions=True)
         log.info("call %s ended: %s; %s", self.call_id, reason, self.stats)
-        self._notify("ended", reason)
+        self._notify(NoticeKind.ENDED, reason)
 
     async def clear_carrier(self) -> None:
         """Drop the agent audio queued at the carrier (hang-up, hand-off); the echoes of its marks that
@@ -261,7 +248,7 @@ class CallSession:
     def _on_limit(self, event: LimitEvent) -> None:
         """Carry out what a limit asks for; every limit is also a notice (escalation hooks listen)."""
         limits = self._guard.limits if self._guard is not None else CallLimits()
-        self._notify(event.kind, event.detail)
+        self._notify(NoticeKind(event.kind), event.detail)
         if event.kind == "warning":
             self.say(limits.wrap_up_line)
         elif event.kind in ("max_duration", "silence_timeout"):
@@ -297,7 +284,7 @@ class CallSession:
         if not prompt or self._engine is None or not hasattr(self._engine, "reprime"):
             return
         await self._engine.reprime(prompt)
-        self._notify("reanchored", f"{len(prompt)} characters")
+        self._notify(NoticeKind.REANCHORED, f"{len(prompt)} characters")
         if self._guard is not None:
             self._guard.rearm("context_horizon")
 
@@ -349,7 +336,7 @@ class CallSession:
         self._engine_lost = True
         log.warning("call %s: the engine lost the session (%s)", self.call_id, why)
         if "engine_lost" in self._escalates:
-            self._notify("engine_lost", why)
+            self._notify(NoticeKind.ENGINE_LOST, why)
         else:
             self._spawn_end("engine_lost")
 
@@ -376,7 +363,7 @@ class CallSession:
         spoken = " ".join(self._spoken.split())
         for pattern in self._phrases:
             if pattern.search(spoken):
-                self._notify("phrase", pattern.pattern)
+                self._notify(NoticeKind.PHRASE, pattern.pattern)
                 self._phrases = []  # a call escalates once
                 return
 
@@ -409,7 +396,7 @@ class CallSession:
     def _spawn_end(self, reason: str) -> None:
         self._spawn(self.end(reason), "end")
 
-    def _notify(self, kind: str, detail: str) -> None:
+    def _notify(self, kind: NoticeKind, detail: str) -> None:
         if self._on_notice is None:
             return
         try:

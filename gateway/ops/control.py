@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
-from gateway.call.session import CallNotice, CallSession
+from gateway.call.notices import CallNotice, Escalation, NoticeKind
+from gateway.call.session import CallSession
 from gateway.ops.recorder import CallRecorder
 from gateway.ops.store import (
     MAX_RECORDS_PAGE,
@@ -103,8 +104,10 @@ class ControlPlane:
             if inspect.isawaitable(outcome):
                 await outcome
             return
+        at_s = round(call.caller_clock_s, 3)
+        escalation = Escalation(at_s, "api", reason)
         self.gateway.notice(
-            CallNotice("escalated", call.call_id, round(call.caller_clock_s, 3), f"api: {reason}")
+            CallNotice(NoticeKind.ESCALATED, call.call_id, at_s, f"api: {reason}", escalation)
         )
 
     async def apply(self, command: CallCommand) -> bool:

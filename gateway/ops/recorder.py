@@ -15,8 +15,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.call.session import FRAME_S, CallNotice, CallSession
-from gateway.ops.records import CallRecord, Escalation
+from gateway.call.notices import CallNotice, Escalation, NoticeKind
+from gateway.call.session import FRAME_S, CallSession
+from gateway.ops.records import CallRecord
 from gateway.ops.store import CallStore, LiveCall
 
 if TYPE_CHECKING:
@@ -38,16 +39,6 @@ class _CallNotes:
     call: CallSession
     started_at: float  # Unix seconds
     escalations: list[Escalation] = field(default_factory=list)
-
-
-def parse_escalation_notice(notice: CallNotice) -> Escalation:
-    """An "escalated" notice's detail reads "<trigger>: <reason>", optionally "; actions <a>,<b>" after."""
-    trigger, _, rest = notice.detail.partition(":")
-    reason, listed, actions = rest.rpartition("; actions ")
-    if not listed:
-        reason, actions = rest, ""
-    steps = tuple(step.strip() for step in actions.split(",") if step.strip() not in ("", "none"))
-    return Escalation(at_s=notice.at_s, trigger=trigger.strip(), reason=reason.strip(), actions=steps)
 
 
 class CallRecorder:
@@ -92,11 +83,11 @@ class CallRecorder:
     # --- notices ------------------------------------------------------------------------------------
 
     def on_notice(self, notice: CallNotice) -> None:
-        if notice.kind == "started":
+        if notice.kind == NoticeKind.STARTED:
             self._on_started(notice)
-        elif notice.kind == "escalated":
+        elif notice.kind == NoticeKind.ESCALATED:
             self._on_escalated(notice)
-        elif notice.kind == "ended":
+        elif notice.kind == NoticeKind.ENDED:
             self._on_ended(notice)
 
     def _on_started(self, notice: CallNotice) -> None:
@@ -121,7 +112,9 @@ class CallRecorder:
         notes = self._calls.get(notice.call_id)
         if notes is None:
             return
-        notes.escalations.append(parse_escalation_notice(notice))
+        if notice.escalation is None:
+            return
+        notes.escalations.append(notice.escalation)
         details = {"escalations": len(notes.escalations), "last_escalation": notice.detail}
         self._then(notice.call_id, self._update(notice.call_id, details), "note the escalation")
 

@@ -8,23 +8,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gateway.call.notices import Escalation
 from gateway.call.session import TranscriptPiece
+
+__all__ = ["CallRecord", "Escalation", "RecordFormatError"]
 
 RECORD_VERSION = 1  # bump when a field changes meaning; readers refuse versions they do not know
 
 
 class RecordFormatError(ValueError):
     """Stored record data is unreadable; the message names the call id (when known) and the key."""
-
-
-@dataclass(frozen=True)
-class Escalation:
-    """One hand-off attempt: when (caller audio clock), what fired it, why, and what was done."""
-
-    at_s: float
-    trigger: str  # "dtmf", "max_duration", "api", "engine_lost", ...
-    reason: str
-    actions: tuple[str, ...] = ()  # "webhook", "transfer:+15550100", "hangup", ...
 
 
 @dataclass(frozen=True)
