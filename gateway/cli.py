@@ -275,7 +275,8 @@ def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
 def prompt_problems(config: GatewayConfig, count_tokens: Callable[[str], int]) -> list[str]:
     """Every role-prompt problem of `config`: template syntax, templates against their sample data, and each
     agent's prompt with its sample record and without one, within its token budget."""
-    from gateway.agents.prompts import PromptRenderer, check_agent, check_templates
+    from gateway.agents.prompts import check_agent
+    from gateway.agents.templates import PromptRenderer, check_templates
 
     renderer = PromptRenderer(config.templates_dir)
     problems = check_templates(renderer)
@@ -310,7 +311,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _prompt_render(args: argparse.Namespace) -> int:
     from crm_adapters.base import CrmResult, IncomingCall
-    from gateway.agents.prompts import PromptError, PromptRenderer, prepare_role_prompt, render_role_prompt
+    from gateway.agents.prompts import prepare_role_prompt, render_role_prompt
+    from gateway.agents.templates import PromptError, PromptRenderer
     from gateway.config import ConfigError, load_config
 
     try:

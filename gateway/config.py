@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import Sampling
-from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, TEMPLATES_DIR, CrmBinding
+from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, CrmBinding
+from gateway.agents.templates import TEMPLATES_DIR
 from gateway.assets import asset_root
 from gateway.call.escalation import EscalationPolicy, parse_escalation
 from gateway.call.limits import CallLimits, parse_limits

@@ -17,7 +17,8 @@ from typing import Any
 
 from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
-from gateway.agents.prompts import PromptError, PromptRenderer, RolePrompt, prepare_role_prompt
+from gateway.agents.prompts import RolePrompt, prepare_role_prompt
+from gateway.agents.templates import PromptError, PromptRenderer
 from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
 from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 from gateway.call.session import CallSession

@@ -16,17 +16,19 @@ from tinymodel import FIXTURE
 from crm_adapters.base import CrmResult, IncomingCall, create_adapter
 from engine.loading import encode_role_prompt, load_text_tokenizer
 from gateway.agents.prompts import (
-    FIELD_MAX_CHARS,
     CrmBinding,
     PromptBudgetError,
+    check_agent,
+    prepare_role_prompt,
+    render_role_prompt,
+)
+from gateway.agents.templates import (
+    FIELD_MAX_CHARS,
     PromptError,
     PromptRenderer,
-    check_agent,
     check_templates,
     one_line,
-    prepare_role_prompt,
     prompt_context,
-    render_role_prompt,
     sample_call,
     sanitise_record,
 )
