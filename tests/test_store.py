@@ -13,7 +13,8 @@ from services import RedisServer, free_port, redis_server  # noqa: F401 (a fixtu
 
 from gateway.call.session import TranscriptPiece
 from gateway.ops.records import CallRecord, Escalation, RecordFormatError
-from gateway.ops.store import CallCommand, CallStore, LiveCall, MemoryStore, RedisStore, StoreError
+from gateway.ops.redis_store import RedisStore
+from gateway.ops.store import CallCommand, CallStore, LiveCall, MemoryStore, StoreError
 
 SHORT_TTL_S = 0.4  # for expiry tests: long enough for a loaded machine to heartbeat, short for the suite
 WAIT_LIMIT_S = 5.0
@@ -242,44 +243,6 @@ async def test_saving_a_record_again_replaces_it(store: CallStore) -> None:
     assert [(r.call_id, r.end_reason) for r in records] == [("CA1", "caller_hung_up")]
 
 
-# --- contract: concurrency slots --------------------------------------------------------------------
-
-
-async def test_claims_beyond_the_limit_are_refused(store: CallStore) -> None:
-    claims = [await store.claim_slot("agent:support", f"CA{i}", limit=2) for i in range(4)]
-    assert claims == [True, True, False, False]
-    assert await store.slots_in_use("agent:support") == 2
-
-
-async def test_reclaiming_a_held_slot_renews_it_without_taking_another(store: CallStore) -> None:
-    assert await store.claim_slot("tenant:acme", "CA1", limit=1)
-    assert await store.claim_slot("tenant:acme", "CA1", limit=1)
-    assert await store.slots_in_use("tenant:acme") == 1
-    assert not await store.claim_slot("tenant:acme", "CA2", limit=1)
-
-
-async def test_releasing_twice_frees_one_slot_only(store: CallStore) -> None:
-    await store.claim_slot("tenant:acme", "CA1", limit=2)
-    await store.claim_slot("tenant:acme", "CA2", limit=2)
-    assert await store.release_slot("tenant:acme", "CA1") is True
-    assert await store.release_slot("tenant:acme", "CA1") is False
-    assert await store.slots_in_use("tenant:acme") == 1
-
-
-async def test_scopes_count_separately(store: CallStore) -> None:
-    assert await store.claim_slot("agent:support", "CA1", limit=1)
-    assert await store.claim_slot("agent:sales", "CA2", limit=1)
-    assert await store.slots_in_use("agent:support") == 1
-
-
-async def test_unrenewed_slot_frees_itself_after_the_ttl(make_store: StoreFactory) -> None:
-    store = await make_store(live_ttl_s=SHORT_TTL_S)
-    assert await store.claim_slot("agent:support", "CA-of-a-dead-replica", limit=1)
-    assert not await store.claim_slot("agent:support", "CA2", limit=1)
-    assert await until(lambda: store.claim_slot("agent:support", "CA2", limit=1))
-    assert await store.slots_in_use("agent:support") == 1
-
-
 # --- contract: control commands ---------------------------------------------------------------------
 
 
@@ -339,21 +302,6 @@ async def test_command_sent_through_one_instance_reaches_the_subscriber_of_anoth
         command = CallCommand("CA1", "hangup", "agent asked from the dashboard")
         assert await api_store.send_command(command) is True
         assert await commands.next(timeout_s=WAIT_LIMIT_S) == command
-
-
-async def test_racing_instances_never_exceed_the_concurrency_cap(
-    redis_stores: Callable[..., RedisStore],
-) -> None:
-    replicas = [redis_stores() for _ in range(4)]
-    limit = 5
-    claims = [
-        replica.claim_slot("tenant:acme", f"CA-{r}-{i}", limit)
-        for i in range(10)
-        for r, replica in enumerate(replicas)
-    ]
-    results = await asyncio.gather(*claims)
-    assert sum(results) == limit
-    assert await replicas[0].slots_in_use("tenant:acme") == limit
 
 
 async def test_records_saved_by_one_instance_are_read_by_another(

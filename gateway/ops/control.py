@@ -25,13 +25,13 @@ from pydantic import BaseModel
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
 from gateway.call.session import CallSession
 from gateway.ops.recorder import CallRecorder
+from gateway.ops.redis_store import RedisStore
 from gateway.ops.store import (
     MAX_RECORDS_PAGE,
     CallCommand,
     CallStore,
     CommandSubscription,
     MemoryStore,
-    RedisStore,
     StoreError,
 )
 
