@@ -190,7 +190,7 @@ def _call_inputs(args: argparse.Namespace):
     """The caller audio (8 kHz int16) and DTMF schedule, or CallFailed(status 2) naming what is wrong."""
     import wave
 
-    from gateway.simulator.twilio import read_wav_8k
+    from gateway.simulator.playout import read_wav_8k
 
     if not args.url and not args.webhook:
         raise CallFailed("give --url, --webhook, or both", 2)
@@ -252,7 +252,7 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
 
 
 def write_wav_output(path: str, heard, rate: int) -> None:
-    from gateway.simulator.twilio import write_wav
+    from gateway.simulator.playout import write_wav
 
     try:
         write_wav(path, heard, rate=rate)

@@ -16,7 +16,6 @@ import binascii
 import json
 import secrets
 import warnings
-import wave
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,17 +25,16 @@ from xml.etree import ElementTree
 
 import httpx
 import numpy as np
-import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.edge.transports.twilio import compute_signature
+from gateway.simulator.playout import RATE, Playout, read_wav_8k
 
 with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-RATE = 8000
 CHUNK = 160  # 20 ms of 8 kHz mu-law: what Twilio sends per media message
 CHUNK_S = CHUNK / RATE
 MULAW_SILENCE = 0xFF
@@ -111,32 +109,6 @@ class SimCallSummary:
         return self.closed_by == "gateway"
 
 
-def read_wav_8k(path: str | Path) -> np.ndarray:
-    """A 16-bit PCM wav at any rate and channel count, as mono int16 at 8 kHz."""
-    with wave.open(str(path), "rb") as wav:
-        if wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: {8 * wav.getsampwidth()}-bit samples; give a 16-bit PCM wav")
-        rate, channels = wav.getframerate(), wav.getnchannels()
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-    pcm = pcm.reshape(-1, channels).mean(axis=1)
-    if rate != RATE:
-        pcm = soxr.resample(pcm, rate, RATE, quality="HQ")
-    return np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def write_wav(path: str | Path, pcm_8k: np.ndarray, rate: int = RATE) -> None:
-    """Write 8 kHz int16 audio as a 16-bit mono wav at `rate` (8000 or 24000)."""
-    pcm = pcm_8k
-    if rate != RATE:
-        pcm = soxr.resample(pcm_8k.astype(np.float32) / 32768.0, RATE, rate, quality="HQ")
-        pcm = np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(pcm.astype("<i2").tobytes())
-
-
 async def fetch_twiml(
     webhook: str, form: Mapping[str, str], auth_token: str | None, timeout_s: float = 5.0
 ) -> tuple[str, dict[str, str]]:
@@ -193,46 +165,6 @@ def check_outbound(message: str | bytes, stream_sid: str) -> tuple[dict[str, Any
         if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
             return None, f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}"
     return data, None
-
-
-class _Playout:
-    """The carrier's outbound buffer on a real-time clock, and the caller's ear recording it."""
-
-    def __init__(self, origin: float, expected_s: float) -> None:
-        self.origin = origin
-        self.end = origin  # when the audio queued so far will have finished playing
-        self.ear = np.zeros(int((expected_s + 2.0) * RATE), np.int16)
-        self.last_sample = 0
-        self.pending: deque[tuple[float, str]] = deque()  # (due time, mark name)
-        self.wake = asyncio.Event()
-
-    def play(self, now: float, pcm: np.ndarray) -> None:
-        start = max(now, self.end)
-        self.end = start + len(pcm) / RATE
-        first = int(round((start - self.origin) * RATE))
-        last = first + len(pcm)
-        if last > len(self.ear):
-            self.ear = np.concatenate([self.ear, np.zeros(last - len(self.ear) + 10 * RATE, np.int16)])
-        self.ear[first:last] = pcm
-        self.last_sample = max(self.last_sample, last)
-
-    def recording(self, until: float) -> np.ndarray:
-        """What the ear heard from the origin up to `until` (silence where nothing played)."""
-        n = max(0, int(round((until - self.origin) * RATE)))
-        if n > len(self.ear):
-            return np.concatenate([self.ear, np.zeros(n - len(self.ear), np.int16)])
-        return self.ear[:n].copy()
-
-    def clear(self, now: float) -> list[str]:
-        """Drop unplayed audio; returns the pending marks, all of which are echoed at once."""
-        cut = int(round((now - self.origin) * RATE))
-        if cut < self.last_sample:
-            self.ear[max(cut, 0) : self.last_sample] = 0
-            self.last_sample = max(cut, 0)
-        self.end = now
-        names = [name for _, name in self.pending]
-        self.pending.clear()
-        return names
 
 
 async def simulate_call(
@@ -333,7 +265,7 @@ class _CallRun:
         self.sent_at: list[float] = []  # send time of each caller chunk
         self.first_audio_at: float | None = None
         self.loop = asyncio.get_running_loop()
-        self.playout: _Playout | None = None
+        self.playout: Playout | None = None
         self.gone = asyncio.Event()
         self.ended_at: float | None = None  # when the call ended for the caller
         self.unpaired_reply: tuple[float, int] | None = None  # (arrival, position) of the last media
@@ -361,7 +293,7 @@ class _CallRun:
             }
         )
         origin = self.loop.time()
-        self.playout = _Playout(origin, len(self.ulaw) / RATE)
+        self.playout = Playout(origin, len(self.ulaw) / RATE)
         receiver = asyncio.create_task(self._receive())
         echoes = asyncio.create_task(self._echo_marks())
         try:
