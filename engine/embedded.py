@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -18,8 +19,10 @@ from engine.api import EngineError
 from engine.checkpoint import NOISE_NOTICE, load_models, write_random_checkpoint
 from engine.loading import (
     DEFAULT_HF_REPO,
+    TEXT_TOKENIZER_FILE,
     CheckpointError,
     CheckpointFiles,
+    encode_role_prompt,
     load_text_tokenizer,
     resolve_checkpoint,
 )
@@ -45,6 +48,14 @@ def home_dir() -> Path:
     return Path(os.environ.get("DUPLEXGATE_HOME", Path.home() / ".cache" / "duplexgate"))
 
 
+def demo_checkpoint() -> Path:
+    """The random demo checkpoint served when none is configured, written once under the home directory."""
+    directory = home_dir() / "random-tiny"
+    if not (directory / "duplexgate_config.json").is_file():
+        write_random_checkpoint(directory)
+    return directory
+
+
 def pick_device(name: str) -> torch.device:
     if name:
         return torch.device(name)
@@ -68,10 +79,7 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
                 f"like {DEFAULT_HF_REPO}"
             )
     else:
-        directory = home_dir() / "random-tiny"
-        if not (directory / "duplexgate_config.json").is_file():
-            write_random_checkpoint(directory)
-        files = resolve_checkpoint(directory)
+        files = resolve_checkpoint(demo_checkpoint())
         notice = NOISE_NOTICE
         banner = "!" * 100
         log.warning("%s\n%s\n(set [engine] checkpoint in the config)\n%s", banner, notice.upper(), banner)
@@ -138,3 +146,32 @@ def slot_count(device: torch.device, lm: torch.nn.Module) -> int:
     slots = max(1, min(MAX_SLOTS, (free - GPU_RESERVE_BYTES) // per_slot))
     log.info("free GPU memory %.1f GiB, %.2f GiB per slot", free / 2**30, per_slot / 2**30)
     return int(slots)
+
+
+def prompt_token_counter(checkpoint: str) -> Callable[[str], int]:
+    """Count role-prompt tokens with the tokenizer of `checkpoint` (as `[engine] checkpoint` names it: a local
+    directory, a hub repo id, or "" for the demo model), loading only the tokenizer: what `config check` and
+    `prompt render` use where no engine runs."""
+    tokenizer = load_text_tokenizer(_tokenizer_path(checkpoint))
+    return lambda text: len(encode_role_prompt(tokenizer, text))
+
+
+def _tokenizer_path(checkpoint: str) -> Path:
+    if not checkpoint:
+        return demo_checkpoint() / TEXT_TOKENIZER_FILE
+    local = Path(checkpoint).expanduser()
+    if local.is_dir():
+        return local / TEXT_TOKENIZER_FILE
+    if "/" not in checkpoint or checkpoint.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"[engine] checkpoint = '{checkpoint}' is neither a directory nor a hub repo id"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(checkpoint, TEXT_TOKENIZER_FILE))
+    except Exception as exc:  # hub errors come in many types; all mean the same to the user here
+        raise CheckpointError(
+            f"cannot fetch {TEXT_TOKENIZER_FILE} from hub repo {checkpoint}: {exc}; check HF_TOKEN and the "
+            "licence acceptance, or point [engine] checkpoint at a local directory"
+        ) from None

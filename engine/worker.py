@@ -6,6 +6,9 @@ asyncio loop that talks to the gateway never blocks on the GPU/CPU. A new sessio
 there is a free slot and steps of the size it would need (the runner's step sizes, profiled at start-up,
 timed at every live step and re-measured before a refusal would rest on an old figure) leave room inside
 the 80 ms real-time budget.
+
+Size: sessions, admission and the step loop share the worker's slot bookkeeping (the free-slot heap, the
+sessions by slot, the model thread); cut apart, each would reach into the others' state.
 """
 
 from __future__ import annotations

@@ -262,8 +262,8 @@ def write_wav_output(path: str, heard, rate: int) -> None:
 
 def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
     """Count prompt tokens with the configured checkpoint's tokenizer (no model is loaded)."""
+    from engine.embedded import prompt_token_counter
     from engine.loading import CheckpointError
-    from gateway.agents.prompts import prompt_token_counter
     from gateway.config import ConfigError
 
     try:

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from crm_adapters.base import CrmAdapter, CrmResult, IncomingCall
@@ -186,41 +185,3 @@ def check_agent(
 
 # ----------------------------------------------------------------------------------------------------
 # Counting tokens without loading the model.
-
-
-def prompt_token_counter(checkpoint: str) -> TokenCounter:
-    """Count role-prompt tokens with the tokenizer of `checkpoint` (as `[engine] checkpoint` names it: a local
-    directory, a hub repo id, or "" for the demo model), loading only the tokenizer."""
-    from engine.loading import encode_role_prompt, load_text_tokenizer
-
-    tokenizer = load_text_tokenizer(_tokenizer_path(checkpoint))
-    return lambda text: len(encode_role_prompt(tokenizer, text))
-
-
-def _tokenizer_path(checkpoint: str) -> Path:
-    from engine.loading import TEXT_TOKENIZER_FILE, CheckpointError
-
-    if not checkpoint:
-        from engine.checkpoint import write_random_checkpoint
-        from engine.embedded import home_dir
-
-        directory = home_dir() / "random-tiny"
-        if not (directory / TEXT_TOKENIZER_FILE).is_file():
-            write_random_checkpoint(directory)
-        return directory / TEXT_TOKENIZER_FILE
-    local = Path(checkpoint).expanduser()
-    if local.is_dir():
-        return local / TEXT_TOKENIZER_FILE
-    if "/" not in checkpoint or checkpoint.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"[engine] checkpoint = '{checkpoint}' is neither a directory nor a hub repo id"
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(checkpoint, TEXT_TOKENIZER_FILE))
-    except Exception as exc:  # hub errors come in many types; all mean the same to the user here
-        raise CheckpointError(
-            f"cannot fetch {TEXT_TOKENIZER_FILE} from hub repo {checkpoint}: {exc}; check HF_TOKEN and the "
-            "licence acceptance, or point [engine] checkpoint at a local directory"
-        ) from None

@@ -6,6 +6,9 @@ audio as 20 ms mu-law `media` messages in real time, plays the gateway's audio o
 clock, echoes marks when the audio before them has played (at once when nothing is queued), honours
 `clear`, and checks every message the gateway sends against Twilio's exact outbound shapes. Used by the
 tests, by `duplexgate call` and by the load benchmark.
+
+Size: the caller, the receiver with its playout, and the mark echoes are three concurrent parts of one live
+call sharing its state (sequence numbers, the playout clock, the summary); they stay in one class here.
 """
 
 from __future__ import annotations
