@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.api import Sampling  # noqa: E402
 from engine.checkpoint import load_models, randomise, write_random_checkpoint  # noqa: E402
-from engine.config import FRAME_SAMPLES, ModelConfig  # noqa: E402
+from engine.config import FRAME_S, FRAME_SAMPLES, ModelConfig  # noqa: E402
 from engine.embedded import slot_count  # noqa: E402
 from engine.loading import resolve_checkpoint  # noqa: E402
 from engine.model.lm import LMModel  # noqa: E402
@@ -38,7 +38,7 @@ from engine.model.quantizer import Codebook  # noqa: E402
 from engine.prompt import PromptPlan, plan_from_codes  # noqa: E402
 from engine.runner import AGENT_CODEBOOKS, BatchRunner, VoicePrefix  # noqa: E402
 
-FRAME_MS = 1000 * FRAME_SAMPLES / 24_000  # 80 ms: a step slower than this falls behind the call
+FRAME_MS = 1000 * FRAME_S  # 80 ms: a step slower than this falls behind the call
 VOICE_FRAMES = 52  # ~4 s of voice prompt codes, as a published voice has
 ROLE_TEXT_TOKENS = 70  # a typical role prompt after the <system> wrapping
 SEED = 0

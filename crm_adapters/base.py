@@ -23,28 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from gateway.call.incoming import KEY_SOURCES, IncomingCall
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "KEY_SOURCES",
     "CrmAdapter",
     "CrmConfigError",
     "CrmLookupError",
     "CrmResult",
     "CrmSettings",
-    "IncomingCall",
     "LookupStatus",
     "adapter_class",
     "adapter_types",
     "check_key_spec",
     "create_adapter",
-    "match_key",
 ]
 
 LookupStatus = Literal["found", "not_found", "no_key", "timeout", "error"]
-# Where the lookup key of a call can come from: a fixed attribute, or a named webhook field/custom parameter.
-KEY_SOURCES = ("caller", "called", "call_id", "fields.<name>", "params.<name>")
-_KEY_PUNCTUATION = str.maketrans("", "", " -().")
 
 
 class CrmConfigError(ValueError):
@@ -55,30 +51,6 @@ class CrmLookupError(RuntimeError):
     """A lookup failed for a reason the adapter can state plainly (HTTP 500, bad JSON, missing table...)."""
 
 
-@dataclass(frozen=True)
-class IncomingCall:
-    """What a call carries before it is answered: numbers, the voice webhook's form fields and the carrier's
-    custom parameters (Twilio `<Parameter>`)."""
-
-    call_id: str
-    caller: str | None = None  # From
-    called: str | None = None  # To
-    fields: Mapping[str, str] = field(default_factory=dict)  # the voice webhook's form: From, To, CallSid...
-    params: Mapping[str, str] = field(default_factory=dict)  # custom parameters of the media stream
-
-    def key_value(self, spec: str) -> str | None:
-        """The value `spec` (one of KEY_SOURCES) picks from this call; None if the call does not carry it."""
-        source, _, name = spec.partition(".")
-        if source == "fields":
-            value = self.fields.get(name)
-        elif source == "params":
-            value = self.params.get(name)
-        else:
-            value = {"caller": self.caller, "called": self.called, "call_id": self.call_id}.get(spec)
-        value = (value or "").strip()
-        return value or None
-
-
 def check_key_spec(spec: Any, where: str) -> str:
     """Validate a lookup key spec such as "caller" or "params.account"; `where` prefixes the error."""
     if isinstance(spec, str):
@@ -86,11 +58,6 @@ def check_key_spec(spec: Any, where: str) -> str:
         if spec in ("caller", "called", "call_id") or (source in ("fields", "params") and dot and name):
             return spec
     raise CrmConfigError(f"{where} key = {spec!r} should be one of {', '.join(KEY_SOURCES)}")
-
-
-def match_key(value: str) -> str:
-    """The form keys are compared in: '+1 (555) 123-0000' in a file matches the carrier's '+15551230000'."""
-    return value.strip().translate(_KEY_PUNCTUATION)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from crm_adapters.base import CrmAdapter, CrmConfigError, CrmLookupError, CrmSettings, match_key
+from crm_adapters.base import CrmAdapter, CrmConfigError, CrmLookupError, CrmSettings
+from gateway.call.incoming import normalise_number
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class StaticFileAdapter(CrmAdapter):
     async def fetch(self, key: str) -> Mapping[str, Any] | None:
         if self._file_mtime() != self._loaded_mtime:
             await asyncio.to_thread(self._reload)
-        return self._index.get(match_key(key))
+        return self._index.get(normalise_number(key))
 
     def _file_mtime(self) -> int | None:
         try:
@@ -75,12 +76,12 @@ class StaticFileAdapter(CrmAdapter):
         duplicates = 0
         for record in records:
             key = record.get(self.settings.key_field)
-            if key is None or isinstance(key, dict | list) or not match_key(str(key)):
+            if key is None or isinstance(key, dict | list) or not normalise_number(str(key)):
                 continue  # a record without a usable key can never be found
-            if match_key(str(key)) in index:
+            if normalise_number(str(key)) in index:
                 duplicates += 1  # the first record for a key wins, as a reader of the file would expect
                 continue
-            index[match_key(str(key))] = record
+            index[normalise_number(str(key))] = record
         if duplicates:
             log.warning(
                 "%s: %d records repeat a %s already seen; the first one is used",

@@ -14,9 +14,11 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import FRAME_SAMPLES, SAMPLE_RATE
+from engine.config import CONTEXT_STEPS, FRAME_S, FRAME_SAMPLES, SAMPLE_RATE
 
 __all__ = [
+    "CONTEXT_STEPS",
+    "FRAME_S",
     "FRAME_SAMPLES",
     "Admission",
     "MAX_TOP_K",

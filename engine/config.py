@@ -14,6 +14,8 @@ from typing import Any
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: the one place the 80 ms frame is written down
+CONTEXT_STEPS = 3000  # positions the published LM attends to; every prompt token takes one
 N_CODEBOOKS = 8  # Mimi codebooks per audio stream used by the LM
 
 
@@ -66,7 +68,7 @@ class LMConfig:
     num_heads: int = 32
     num_layers: int = 32
     hidden_scale: float = 4.125
-    context: int = 3000
+    context: int = CONTEXT_STEPS
     max_period: float = 10_000.0
     text_card: int = 32_000
     card: int = 2048

@@ -33,6 +33,7 @@ import sentencepiece
 import torch
 
 from engine.api import (
+    FRAME_S,
     FRAME_SAMPLES,
     Admission,
     AgentFrame,
@@ -48,7 +49,7 @@ from engine.voices import VoiceEmbeddings, load_voice
 
 log = logging.getLogger(__name__)
 
-FRAME_BUDGET_S = FRAME_SAMPLES / 24_000  # 80 ms: a step must finish within one frame of audio
+FRAME_BUDGET_S = FRAME_S  # a step must finish within one frame of audio
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
 STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
 MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped

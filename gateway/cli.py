@@ -310,9 +310,10 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _prompt_render(args: argparse.Namespace) -> int:
-    from crm_adapters.base import CrmResult, IncomingCall
+    from crm_adapters.base import CrmResult
     from gateway.agents.prompts import prepare_role_prompt, render_role_prompt
     from gateway.agents.templates import PromptError, PromptRenderer
+    from gateway.call.incoming import IncomingCall
     from gateway.config import ConfigError, load_config
 
     try:

@@ -19,17 +19,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
-from engine.api import Sampling
-from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, MODEL_CONTEXT_STEPS, CrmBinding
+from engine.api import CONTEXT_STEPS, Sampling
+from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, CrmBinding
 from gateway.agents.templates import TEMPLATES_DIR
 from gateway.assets import asset_root
 from gateway.call.escalation import EscalationPolicy, parse_escalation
+from gateway.call.incoming import normalise_number
 from gateway.call.limits import CallLimits, parse_limits
 
 log = logging.getLogger(__name__)
 
 EXAMPLE_CONFIG = asset_root() / "deploy" / "example.toml"
-_NUMBER_PUNCTUATION = str.maketrans("", "", " -().")
 
 
 class ConfigError(ValueError):
@@ -123,11 +123,6 @@ class GatewayConfig:
         """The agent answering calls to `called`; the default agent for unknown or missing numbers."""
         name = self.numbers.get(normalise_number(called or ""), self.default_agent)
         return self.agents[name]
-
-
-def normalise_number(number: str) -> str:
-    """Drop the punctuation people write in numbers, so "+1 (555) 123-0000" matches "+15551230000"."""
-    return number.translate(_NUMBER_PUNCTUATION)
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -277,10 +272,10 @@ def _agent(
         )
     if agent.crm is not None and not agent.template:
         raise ConfigError(f"{source}: {section} has a crm lookup but no template to put the record in")
-    if not 0 < agent.max_prompt_tokens < MODEL_CONTEXT_STEPS:
+    if not 0 < agent.max_prompt_tokens < CONTEXT_STEPS:
         raise ConfigError(
             f"{source}: {section} max_prompt_tokens = {agent.max_prompt_tokens} should be between 1 and "
-            f"{MODEL_CONTEXT_STEPS - 1} (the model sees only its last {MODEL_CONTEXT_STEPS} steps)"
+            f"{CONTEXT_STEPS - 1} (the model sees only its last {CONTEXT_STEPS} steps)"
         )
     return agent
 

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from crm_adapters.base import IncomingCall
 from engine.api import Engine, EngineSession, SessionSpec
 from gateway.agents.prompts import RolePrompt, prepare_role_prompt
 from gateway.agents.templates import PromptError, PromptRenderer
 from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
+from gateway.call.incoming import IncomingCall
 from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 from gateway.call.session import CallSession
 from gateway.config import AgentConfig, GatewayConfig

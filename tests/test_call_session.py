@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.api import SessionSpec
+from engine.api import FRAME_S, SessionSpec
 from engine.echo import EchoEngine
 from gateway.call.events import (
     CallerAudio,
@@ -23,7 +23,7 @@ from gateway.call.events import (
     PlayAudio,
 )
 from gateway.call.notices import CallNotice
-from gateway.call.session import FRAME_S, CallSession
+from gateway.call.session import CallSession
 
 CHUNK = bytes([0xFF]) * 160  # 20 ms of mu-law silence, as Twilio sends it
 FRAME_CHUNKS = 4  # 80 ms model frame = 4 carrier chunks

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crm_adapters.base import CrmConfigError, IncomingCall, adapter_types, check_key_spec, create_adapter
+from crm_adapters.base import CrmConfigError, adapter_types, check_key_spec, create_adapter
+from gateway.call.incoming import IncomingCall
 
 
 @pytest.fixture

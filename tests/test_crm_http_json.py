@@ -14,7 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from crm_adapters.base import CrmConfigError, IncomingCall, create_adapter
+from crm_adapters.base import CrmConfigError, create_adapter
+from gateway.call.incoming import IncomingCall
 
 CUSTOMERS = {
     "+15550101234": {"customer": {"full_name": "Omar Torres", "plan": {"next_pickup": "2026-04-12"}}},

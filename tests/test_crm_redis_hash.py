@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as redis
 from services import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 
-from crm_adapters.base import CrmConfigError, IncomingCall, create_adapter
+from crm_adapters.base import CrmConfigError, create_adapter
+from gateway.call.incoming import IncomingCall
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 from services import PostgresServer, postgres_server  # noqa: F401 (a fixture)
 
-from crm_adapters.base import CrmConfigError, IncomingCall, create_adapter
+from crm_adapters.base import CrmConfigError, create_adapter
+from gateway.call.incoming import IncomingCall
 
 CALL = IncomingCall("CA1", caller="+15550101234")
 

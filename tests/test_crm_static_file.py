@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from crm_adapters.base import CrmConfigError, IncomingCall, create_adapter
+from crm_adapters.base import CrmConfigError, create_adapter
+from gateway.call.incoming import IncomingCall
 
 CSV = (
     "phone,name,next_pickup,balance\n"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from tinymodel import FIXTURE
 
-from crm_adapters.base import CrmResult, IncomingCall, create_adapter
+from crm_adapters.base import CrmResult, create_adapter
 from engine.loading import encode_role_prompt, load_text_tokenizer
 from gateway.agents.prompts import (
     CrmBinding,
@@ -32,6 +32,7 @@ from gateway.agents.templates import (
     sample_call,
     sanitise_record,
 )
+from gateway.call.incoming import IncomingCall
 
 NOW = datetime(2026, 4, 1, 9, 0)
 CALL = IncomingCall("CA1", caller="+15550101234", called="+15551230000")

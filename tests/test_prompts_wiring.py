@@ -65,7 +65,7 @@ def test_template_agent_with_crm_limits_and_escalation_tables_loads(tmp_path: Pa
 
 
 async def test_crm_file_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
-    from crm_adapters.base import IncomingCall
+    from gateway.call.incoming import IncomingCall
 
     config = load_config(write_config(tmp_path, SERVICE_AGENT), env={})
     result = await config.crm["customers"].lookup(IncomingCall("CA1", caller="+15550101234"))

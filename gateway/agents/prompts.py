@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from crm_adapters.base import CrmAdapter, CrmResult, IncomingCall
+from crm_adapters.base import CrmAdapter, CrmResult
+from engine.api import CONTEXT_STEPS
 from gateway.agents.templates import (
     PromptError,
     PromptRenderer,
@@ -18,10 +19,10 @@ from gateway.agents.templates import (
     prompt_context,
     sample_call,
 )
+from gateway.call.incoming import IncomingCall
 
 log = logging.getLogger(__name__)
 
-MODEL_CONTEXT_STEPS = 3000  # the model attends to its last 3000 steps; every prompt token is one of them
 DEFAULT_MAX_PROMPT_TOKENS = 300
 
 
@@ -44,7 +45,7 @@ def check_budget(agent: str, text: str, tokens: int, maximum: int, source: str =
         raise PromptBudgetError(
             f"agent '{agent}': the role prompt from {source} is {tokens} tokens, over max_prompt_tokens = "
             f"{maximum}; shorten it or raise max_prompt_tokens (every token is a model step before the call "
-            f"starts, and the model sees only its last {MODEL_CONTEXT_STEPS} steps)",
+            f"starts, and the model sees only its last {CONTEXT_STEPS} steps)",
             agent,
             tokens,
             maximum,

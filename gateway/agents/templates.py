@@ -21,13 +21,13 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from crm_adapters.base import CrmResult, IncomingCall
+from crm_adapters.base import CrmResult
+from engine.loading import SYSTEM_TAG
 from gateway.agents.spoken import FILTERS
 from gateway.assets import asset_root
+from gateway.call.incoming import IncomingCall
 
 log = logging.getLogger(__name__)
-
-SYSTEM_TAG = "<system>"
 
 
 TEMPLATES_DIR = asset_root() / "templates"

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.api import FRAME_S
+
 HORIZON_ACTIONS = ("wrap_up", "reanchor", "hand_off", "none")
 OVERRIDE_PREFIX = "limit_"  # per-call overrides arrive as <Parameter name="limit_max_duration" value="60"/>
-STEP_S = 0.08
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class LimitGuard:
         if (
             horizon_steps is not None
             and limits.horizon_action != "none"
-            and horizon_steps * STEP_S <= limits.horizon_margin
+            and horizon_steps * FRAME_S <= limits.horizon_margin
         ):
             events += self._once("context_horizon", clock_s, limits.horizon_action)
         return events

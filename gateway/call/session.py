@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.api import FRAME_SAMPLES, SAMPLE_RATE, AgentFrame, EngineSession, SessionClosed
+from engine.api import FRAME_S, AgentFrame, EngineSession, SessionClosed
 from gateway.audio import InboundAudio, OutboundAudio
 from gateway.call.events import (
     CallerAudio,
@@ -44,7 +44,6 @@ from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 
 log = logging.getLogger(__name__)
 
-FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: one engine step
 MAX_AHEAD_S = 0.2
 REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored prompt
 SPOKEN_WINDOW_CHARS = 300  # the agent's recent words that phrase triggers look at

@@ -18,8 +18,8 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from crm_adapters.base import IncomingCall
 from engine.api import Engine
+from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.config import GatewayConfig
 from gateway.edge.stream import TOKEN_PARAMETER, serve_media_stream

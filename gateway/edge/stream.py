@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from crm_adapters.base import IncomingCall
 from gateway.call.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.edge.transports.base import CarrierDialect
 from gateway.switchboard import Switchboard

@@ -15,8 +15,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.api import FRAME_S
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
-from gateway.call.session import FRAME_S, CallSession
+from gateway.call.session import CallSession
 from gateway.ops.records import CallRecord
 from gateway.ops.store import CallStore, LiveCall
 
