@@ -6,6 +6,7 @@ saying why in its docstring."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,15 @@ def test_no_module_is_over_about_400_lines_without_saying_why() -> None:
         if lines > MAX_LINES and "Size:" not in docstring:
             long.append(f"{name} ({lines} lines)")
     assert long == [], "over ~400 lines with no 'Size:' reason in the docstring: " + ", ".join(long)
+
+
+def test_the_readme_layout_table_matches_the_tree() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout") : readme.index("\n## ", readme.index("## Layout") + 1)]
+    named = set(
+        re.findall(r"`((?:gateway|engine|crm_adapters|templates|deploy|bench|tests)/[\w./]*)`", table)
+    )
+    assert {path for path in named if not (ROOT / path).exists()} == set()
+    rooms = {f"{p.relative_to(ROOT)}/" for pkg in PACKAGES for p in (ROOT / pkg).iterdir() if p.is_dir()}
+    rooms -= {room for room in rooms if "__pycache__" in room or room.endswith("transports/")}
+    assert {room for room in rooms if room not in table} == set()
