@@ -39,15 +39,23 @@ class Gating(nn.Module):
         return self.linear_out(F.silu(gate) * value)
 
 
-def rope_frequencies(head_dim: int, max_period: float, device: torch.device | None = None) -> torch.Tensor:
-    steps = torch.arange(head_dim // 2, dtype=torch.float32, device=device)
-    return torch.exp(steps * (-math.log(max_period) * 2 / head_dim))
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, 1, T, Dh/2] of the rotary angles
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x [B, H, T, Dh] by angle freqs_i * position [B, T]."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> Rope:
+    """The rotary angles of absolute positions [B, T], for the LM and Mimi's transformers alike: float32
+    frequencies from one `exp`, float32 positions, one product, as the reference computes them, so the
+    angles agree bit for bit. Built per call, never held as a buffer: Module.to(bfloat16) would round a
+    buffer, and bf16 frequencies break bit-exactness from position 2 on."""
+    pair = torch.arange(head_dim // 2, dtype=torch.float32, device=positions.device)
+    freqs = torch.exp(pair * (-math.log(max_period) * 2 / head_dim))
     angles = positions.to(torch.float32)[:, None, :, None] * freqs  # [B, 1, T, Dh/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x [B, H, T, Dh] as complex numbers, in float32."""
+    cos, sin = rope
     real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
@@ -144,13 +152,13 @@ class RingSelfAttention(nn.Module):
         index: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor,
-        freqs: torch.Tensor,
+        rope: Rope,
         active: torch.Tensor | None,
     ) -> torch.Tensor:
         batch, steps, dim = x.shape
         qkv = F.linear(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, -1)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, T, Dh]
-        q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         ring.write(layer, index, k, v, active)
         keys, values = ring.attended(layer)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

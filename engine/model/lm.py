@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import LMConfig
-from engine.model.layers import DepformerLayer, KVRing, RMSNorm, TemporalLayer, ring_mask, rope_frequencies
+from engine.model.layers import DepformerLayer, KVRing, RMSNorm, TemporalLayer, ring_mask, rope_rotation
 from engine.model.sampling import SamplingParams, sample_tokens
 
 TEXT_STREAM = 0
@@ -82,9 +82,7 @@ class LMModel(nn.Module):
     ) -> torch.Tensor:
         """Run the temporal transformer on inputs x [B, T, D] at absolute positions [B, T], appending to kv.
         Rows with active False leave kv unchanged. Returns the normalised hidden state [B, T, D]."""
-        # Built per call, not held as a buffer: Module.to(bfloat16) would round a buffer to bf16, and the
-        # published RoPE uses float32 frequencies (bf16 ones break bit-exactness from position 2 on).
-        freqs = rope_frequencies(self.cfg.dim // self.cfg.num_heads, self.cfg.max_period, x.device)
+        rope = rope_rotation(positions, self.cfg.dim // self.cfg.num_heads, self.cfg.max_period)
         index = kv.record_positions(positions, active)
         mask = ring_mask(positions, kv.positions[:, : kv.visible], self.cfg.context)
         if active is not None:  # idle rows may have an empty ring; give them something to attend to
@@ -97,7 +95,7 @@ class LMModel(nn.Module):
                 index=index,
                 positions=positions,
                 mask=mask,
-                freqs=freqs,
+                rope=rope,
                 active=active,
             )
         return self.out_norm(x)

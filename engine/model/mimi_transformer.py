@@ -3,7 +3,6 @@ with a per-slot KV ring that reproduces the published code's attention window ex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from engine.config import MimiTransformerConfig
+from engine.model.layers import Rope, apply_rope, rope_rotation
 
 
 @dataclass
@@ -41,27 +41,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * x
-
-
-def rope_rotation(frames: Tensor, steps: int, head_dim: int, max_period: float) -> tuple[Tensor, Tensor]:
-    """cos and sin [B, 1, steps, head_dim/2] of the rotary angles for positions frames[b] + t.
-
-    The arithmetic (float32 frequencies from one `exp`, float32 positions, one product) is the
-    reference's, so the angles agree bit for bit."""
-    device = frames.device
-    pair_index = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
-    freqs = torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
-    ahead = torch.arange(steps, device=device, dtype=torch.float32).view(1, 1, -1, 1)
-    angles = freqs * (frames.float().view(-1, 1, 1, 1) + ahead)
-    return torch.cos(angles), torch.sin(angles)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x [B, H, T, D] as complex numbers."""
-    pairs = x.view(*x.shape[:-1], -1, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.view(x.shape)
 
 
 def visible_slots(frames_before: Tensor, steps: int, context: int) -> Tensor:
@@ -97,7 +76,7 @@ class MimiSelfAttention(nn.Module):
         values: Tensor,
         write_at: Tensor,
         visible: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: Rope,
         active: Tensor | None,
     ) -> Tensor:
         """x [B, T, C]; keys/values [B, H, context, D] of this layer, updated in place at `write_at`
@@ -105,7 +84,7 @@ class MimiSelfAttention(nn.Module):
         batch, steps, _ = x.shape
         qkv = linear_per_slot(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if active is not None:
             # Inactive slots write back what their ring already holds, leaving it bit-identical.
             keep = ~active.view(-1, 1, 1, 1)
@@ -175,7 +154,8 @@ class MimiTransformer(nn.Module):
         write_at = torch.remainder(frames.view(-1, 1) + torch.arange(steps, device=x.device), context)
         write_at = write_at.view(batch, 1, steps, 1).expand(batch, self.cfg.num_heads, steps, self.head_dim)
         visible = visible_slots(frames, steps, context)
-        rope = rope_rotation(frames, steps, self.head_dim, self.cfg.max_period)
+        positions = frames.view(-1, 1) + torch.arange(steps, device=x.device)
+        rope = rope_rotation(positions, self.head_dim, self.cfg.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values, strict=True):
             x = layer(x, keys, values, write_at, visible, rope, active)
         advance = steps if active is None else active.long() * steps
