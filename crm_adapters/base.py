@@ -9,21 +9,21 @@ The file's module name is the adapter's `type` in the config (`[crm.<name>] type
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import logging
 import pkgutil
 import time
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+from annotated_types import Ge, Gt
 
 from gateway.call.incoming import KEY_SOURCES, IncomingCall
+from gateway.schema import ConfigProblems, validate
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class CrmSettings:
     """Settings every adapter takes; an adapter's own settings dataclass extends this one."""
 
     type: str
-    deadline_s: float = 1.0  # a lookup still running after this is abandoned and the call goes on without it
-    cache_ttl_s: float = 0.0  # 0: no cache; found and not-found results are kept this long (errors never)
-    cache_size: int = 10_000  # most keys kept; the oldest entry goes first
+    deadline_s: Annotated[float, Gt(0)] = 1.0  # a lookup still running after this is abandoned
+    cache_ttl_s: Annotated[float, Ge(0)] = 0.0  # 0: no cache; found and not-found results are kept this long
+    cache_size: Annotated[int, Gt(0)] = 10_000  # most keys kept; the oldest entry goes first
 
 
 class _TtlCache:
@@ -273,59 +273,9 @@ def create_adapter(
 
 
 def parse_settings(kind: type[CrmSettings], table: Mapping[str, Any], where: str) -> Any:
-    """Build settings dataclass `kind` from a TOML table, checking each key's name and type."""
-    hints = typing.get_type_hints(kind)
-    known = {f.name for f in dataclasses.fields(kind)}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known:
-            raise CrmConfigError(f"{where} has unknown key '{key}'; known keys: {sorted(known)}")
-        values[key] = _checked(value, hints[key], where, key)
-    missing = [f.name for f in dataclasses.fields(kind) if f.name not in values and _required(f)]
-    if missing:
-        raise CrmConfigError(f"{where} is missing required key(s) {missing}")
-    for key in ("deadline_s", "cache_ttl_s"):
-        if key in values and values[key] < 0:
-            raise CrmConfigError(f"{where} {key} = {values[key]!r} must not be negative")
-    if values.get("deadline_s", 1.0) == 0:
-        raise CrmConfigError(f"{where} deadline_s = 0 would abandon every lookup; give it a few hundred ms")
-    return kind(**values)
-
-
-def _required(f: dataclasses.Field[Any]) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _checked(value: Any, expected: Any, where: str, key: str) -> Any:
-    """`value` if it fits type hint `expected` (str, int, float, bool, their unions with None, a mapping
-    of str to str, a tuple of str); float keys accept integers."""
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    for option in options:
-        origin = typing.get_origin(option)
-        if origin in (dict, Mapping):
-            if isinstance(value, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
-                return dict(value)
-        elif origin is tuple:
-            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-                return tuple(value)
-        elif option is float:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-        elif option is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif option is not type(None) and isinstance(value, option):
-            return value
-    names = " or ".join(_type_name(o) for o in options if o is not type(None))
-    raise CrmConfigError(f"{where} {key} = {value!r} should be {names}")
-
-
-def _type_name(option: Any) -> str:
-    origin = typing.get_origin(option)
-    if origin in (dict, Mapping):
-        return "a table of strings"
-    if origin is tuple:
-        return "a list of strings"
-    return getattr(option, "__name__", str(option))
+    """Settings dataclass `kind` from a TOML table, checked against its fields (gateway/schema.py); every
+    problem at once, each naming `where` and the key."""
+    try:
+        return validate(kind, table, where)
+    except ConfigProblems as exc:
+        raise CrmConfigError(str(exc)) from None

@@ -293,7 +293,9 @@ def _checked_config(path: str | None, command: str) -> tuple[GatewayConfig, list
         config = load_config(path)
         return config, prompt_problems(config, _token_counter(config))
     except ConfigError as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"{command}: {problem}", file=sys.stderr)
+        print(f"{command}: {len(exc.problems)} problem(s) in the config", file=sys.stderr)
         return 2
 
 

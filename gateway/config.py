@@ -10,30 +10,29 @@ import dataclasses
 import logging
 import os
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
+
+from annotated_types import Gt, Lt
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import CONTEXT_STEPS, Sampling
 from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, CrmBinding
 from gateway.agents.templates import TEMPLATES_DIR
 from gateway.assets import asset_root
-from gateway.call.escalation import EscalationPolicy, parse_escalation
+from gateway.call.escalation import EscalationPolicy
 from gateway.call.incoming import normalise_number
-from gateway.call.limits import CallLimits, parse_limits
+from gateway.call.limits import CallLimits
+from gateway.schema import ConfigProblems, validate
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 EXAMPLE_CONFIG = asset_root() / "deploy" / "example.toml"
-
-
-class ConfigError(ValueError):
-    """The configuration file is unusable; the message names file, section and key."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,8 @@ class AgentConfig:
     template: str = ""  # or a template in the templates directory, rendered for each call
     vars: Mapping[str, Any] = field(default_factory=dict)  # [agents.<name>.vars]: the template's agent.*
     crm: CrmBinding | None = None  # [agents.<name>.crm]: adapter, key, deadline_s
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    # every prompt token is a model step the model then keeps in view
+    max_prompt_tokens: Annotated[int, Gt(0), Lt(CONTEXT_STEPS)] = DEFAULT_MAX_PROMPT_TOKENS
     seed: int | None = None
     sampling: Sampling = Sampling()
     limits: CallLimits = CallLimits()
@@ -138,39 +138,92 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     return parse_config(raw, source=str(path), env=os.environ if env is None else env)
 
 
+class ConfigError(ValueError):
+    """The configuration file is unusable. `problems` lists every problem found, one line each, naming the
+    file, the section and the key; the message is those lines."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+SECTIONS = ("server", "twilio", "engine", "crm", "agents", "numbers", "store", "control", "webhooks")
+SECRETS_FROM_ENV = {"twilio": ("auth_token", "account_sid"), "webhooks": ("secret",)}
+
+
+class _Problems:
+    """What is wrong with one config file, collected so that all of it is reported at once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.found.append(f"{self.source}: {problem}")
+
+    def section(self, kind: type[T], table: Any, section: str, default: T | None = None) -> T | None:
+        """`kind` from `table`, or `default` (after noting what is wrong) when it cannot be built."""
+        try:
+            return validate(kind, table, f"{self.source}: {section}")
+        except (ConfigProblems, CrmConfigError) as exc:
+            self.found += str(exc).splitlines()
+            return default
+
+
 def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
-    """Validate an already-parsed TOML document."""
-    sections = {"server", "twilio", "engine", "crm", "agents", "numbers", "store", "control", "webhooks"}
-    _reject_unknown(raw, sections, source, "top level")
-    server = _build(ServerSection, raw.get("server", {}), source, "[server]")
-    twilio = _build(
-        TwilioSection, raw.get("twilio", {}), source, "[twilio]", skip={"auth_token", "account_sid"}
-    )
-    engine = _build(EngineSection, raw.get("engine", {}), source, "[engine]")
-    store = _build(StoreSection, raw.get("store", {}), source, "[store]")
+    """Validate an already-parsed TOML document. Raises ConfigError listing every problem found."""
+    problems = _Problems(source)
+    for key in raw:
+        if key not in SECTIONS:
+            problems.add(f"top level has unknown key '{key}'; known keys: {sorted(SECTIONS)}")
+    tables = {name: raw.get(name, {}) for name in SECTIONS}
+    for name, secrets in SECRETS_FROM_ENV.items():
+        given = [key for key in secrets if isinstance(tables[name], dict) and key in tables[name]]
+        for key in given:
+            problems.add(
+                f"[{name}] {key} is read from the environment (its *_env key names the variable), "
+                "never from this file"
+            )
+        if given:
+            tables[name] = {k: v for k, v in tables[name].items() if k not in given}
+    server = problems.section(ServerSection, tables["server"], "[server]", ServerSection())
+    twilio = problems.section(TwilioSection, tables["twilio"], "[twilio]", TwilioSection())
+    engine = problems.section(EngineSection, tables["engine"], "[engine]", EngineSection())
+    store = problems.section(StoreSection, tables["store"], "[store]", StoreSection())
+    control = problems.section(ControlSection, tables["control"], "[control]", ControlSection())
+    webhooks = problems.section(WebhooksSection, tables["webhooks"], "[webhooks]", WebhooksSection())
+    assert server and twilio and engine and store and control and webhooks  # defaults when invalid
+
     if store.url and urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"{source}: [store] url = {store.url!r} should be empty (in memory) or start with redis://, "
-            "rediss:// or unix://"
+        problems.add(
+            f"[store] url = {store.url!r} should be empty (in memory) or start with redis://, rediss:// or unix://"
         )
-    control = _build(ControlSection, raw.get("control", {}), source, "[control]")
-    webhooks = _build(WebhooksSection, raw.get("webhooks", {}), source, "[webhooks]", skip={"secret"})
     if webhooks.url:
         if urlsplit(webhooks.url).scheme not in ("http", "https"):
-            raise ConfigError(f"{source}: [webhooks] url = {webhooks.url!r} should be an http(s) URL")
+            problems.add(f"[webhooks] url = {webhooks.url!r} should be an http(s) URL")
         if not env.get(webhooks.secret_env):
-            raise ConfigError(
-                f"{source}: [webhooks] url is set but {webhooks.secret_env} is not: webhooks are always "
-                "signed; export the secret your receiver verifies with"
+            problems.add(
+                f"[webhooks] url is set but {webhooks.secret_env} is not: webhooks are always signed; export "
+                "the secret your receiver verifies with"
             )
-        webhooks = dataclasses.replace(webhooks, secret=env[webhooks.secret_env])
-
+        else:
+            webhooks = dataclasses.replace(webhooks, secret=env[webhooks.secret_env])
     if server.public_url:
-        _check_public_url(server.public_url, source)
+        parts = urlsplit(server.public_url)
+        if (
+            parts.scheme not in ("https", "http")
+            or not parts.hostname
+            or parts.path.strip("/")
+            or parts.query
+        ):
+            problems.add(
+                f"[server] public_url = {server.public_url!r} must be a bare https:// base such as "
+                "'https://gw.example.com' (no path or query)"
+            )
     token = env.get(twilio.auth_token_env) or None
     if token and not server.public_url:
-        raise ConfigError(
-            f"{source}: [server] public_url is required when {twilio.auth_token_env} is set "
+        problems.add(
+            f"[server] public_url is required when {twilio.auth_token_env} is set "
             "(Twilio signs the public URL, e.g. https://gw.example.com)"
         )
     twilio = dataclasses.replace(
@@ -183,34 +236,40 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         base_dir / Path(server.templates_dir).expanduser() if server.templates_dir else TEMPLATES_DIR
     )
     adapters: dict[str, CrmAdapter] = {}
-    for name, table in _table(raw.get("crm", {}), source, "[crm]").items():
+    for name, table in _tables(tables["crm"], "[crm]", problems).items():
         try:
             adapters[name] = create_adapter(name, table, f"{source}: [crm.{name}]", env, base_dir)
         except CrmConfigError as exc:
-            raise ConfigError(str(exc)) from None
+            problems.found += str(exc).splitlines()
 
-    agents_raw = _table(raw.get("agents", {}), source, "[agents]")
     agents: dict[str, AgentConfig] = {}
-    for name, table in agents_raw.items():
+    for name, table in _tables(tables["agents"], "[agents]", problems).items():
         section = f"[agents.{name}]"
-        agents[name] = _agent(name, _table(table, source, section), source, section, adapters, templates_dir)
-    if not agents:
-        raise ConfigError(f"{source}: no agents; add an [agents.<name>] section with voice and prompt")
+        agent = problems.section(
+            AgentConfig, {**table, "name": name} if isinstance(table, dict) else table, section
+        )
+        if agent is not None:
+            for problem in _agent_problems(agent, section, adapters, templates_dir):
+                problems.add(problem)
+            agents[name] = agent
+    if not agents and not any("[agents." in p for p in problems.found):
+        problems.add("no agents; add an [agents.<name>] section with voice and prompt")
 
-    numbers_raw = dict(_table(raw.get("numbers", {}), source, "[numbers]"))
+    numbers_raw = dict(_tables(tables["numbers"], "[numbers]", problems, values=str))
     default_agent = numbers_raw.pop("default", None)
-    if default_agent is None:
-        if len(agents) > 1:
-            raise ConfigError(f"{source}: [numbers] default is missing; name the agent for unknown numbers")
-        default_agent = next(iter(agents))
+    if default_agent is None and len(agents) > 1:
+        problems.add("[numbers] default is missing; name the agent for unknown numbers")
+    default_agent = default_agent or next(iter(agents), "")
     numbers: dict[str, str] = {}
-    for number, agent in [("default", default_agent), *numbers_raw.items()]:
-        if not isinstance(agent, str) or agent not in agents:
-            raise ConfigError(
-                f"{source}: [numbers] {number} = {agent!r} is not an agent; known agents: {sorted(agents)}"
+    for number, agent_name in [("default", default_agent), *numbers_raw.items()]:
+        if agents and agent_name not in agents:
+            problems.add(
+                f"[numbers] {number} = {agent_name!r} is not an agent; known agents: {sorted(agents)}"
             )
-        if number != "default":
-            numbers[normalise_number(number)] = agent
+        elif number != "default":
+            numbers[normalise_number(number)] = agent_name
+    if problems.found:
+        raise ConfigError(problems.found)
     return GatewayConfig(
         server=server,
         twilio=twilio,
@@ -227,127 +286,48 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
     )
 
 
-def _agent(
-    name: str,
-    table: Mapping[str, Any],
-    source: str,
-    section: str,
-    adapters: Mapping[str, CrmAdapter],
-    templates_dir: Path,
-) -> AgentConfig:
-    """One [agents.<name>] table: its sub-tables checked here, the rest by `_build`."""
-    table = dict(table)
-    given: dict[str, Any] = {}
-    if "vars" in table:  # free-form: the template's agent.* values
-        given["vars"] = dict(_table(table.pop("vars"), source, f"{section[:-1]}.vars]"))
-    if "escalation" in table:
-        where = f"{section[:-1]}.escalation]"
-        try:
-            given["escalation"] = parse_escalation(
-                _table(table.pop("escalation"), source, where), f"{source}: {where}"
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    if "limits" in table:
-        where = f"{source}: {section[:-1]}.limits]"
-        try:
-            given["limits"] = parse_limits(
-                _table(table.pop("limits"), source, f"{section[:-1]}.limits]"), where
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    if "crm" in table:
-        given["crm"] = _crm_binding(table.pop("crm"), source, f"{section[:-1]}.crm]", adapters)
-    agent = _build(AgentConfig, table, source, section, name=name, **given)
+def _tables(value: Any, section: str, problems: _Problems, values: type = dict) -> dict[str, Any]:
+    """A table of named entries ([crm], [agents], [numbers]); entries of the wrong kind are noted and left
+    out."""
+    if not isinstance(value, dict):
+        problems.add(f"{section} must be a table, got {type(value).__name__}")
+        return {}
+    kept = {}
+    for name, entry in value.items():
+        if isinstance(entry, values):
+            kept[name] = entry
+        else:
+            what = "a table" if values is dict else "an agent's name"
+            problems.add(f"{section[:-1]}.{name}] should be {what}, got {entry!r}")
+    return kept
+
+
+def _agent_problems(
+    agent: AgentConfig, section: str, adapters: Mapping[str, CrmAdapter], templates_dir: Path
+) -> list[str]:
+    """What an agent's table gets wrong across its keys, or against the rest of the file."""
+    found = []
     if bool(agent.prompt.strip()) == bool(agent.template):
-        raise ConfigError(
-            f"{source}: {section} needs either prompt (inline text) or template (a file in {templates_dir}), "
+        found.append(
+            f"{section} needs either prompt (inline text) or template (a file in {templates_dir}), "
             f"not {'both' if agent.template else 'neither'}"
         )
     if agent.template and not (templates_dir / agent.template).is_file():
         there = sorted(p.name for p in templates_dir.glob("*.j2"))
-        raise ConfigError(
-            f"{source}: {section} template = {agent.template!r} is not in {templates_dir}; "
-            f"templates there: {there}"
+        found.append(
+            f"{section} template = {agent.template!r} is not in {templates_dir}; templates there: {there}"
         )
-    if agent.crm is not None and not agent.template:
-        raise ConfigError(f"{source}: {section} has a crm lookup but no template to put the record in")
-    if not 0 < agent.max_prompt_tokens < CONTEXT_STEPS:
-        raise ConfigError(
-            f"{source}: {section} max_prompt_tokens = {agent.max_prompt_tokens} should be between 1 and "
-            f"{CONTEXT_STEPS - 1} (the model sees only its last {CONTEXT_STEPS} steps)"
-        )
-    return agent
-
-
-def _crm_binding(value: Any, source: str, section: str, adapters: Mapping[str, CrmAdapter]) -> CrmBinding:
-    table = dict(_table(value, source, section))
-    binding = _build(CrmBinding, table, source, section)
-    if binding.adapter not in adapters:
-        raise ConfigError(
-            f"{source}: {section} adapter = {binding.adapter!r} is not declared; add a "
-            f"[crm.{binding.adapter}] table (declared: {sorted(adapters)})"
-        )
-    try:
-        check_key_spec(binding.key, f"{source}: {section}")
-    except CrmConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    if binding.deadline_s is not None and binding.deadline_s <= 0:
-        raise ConfigError(f"{source}: {section} deadline_s = {binding.deadline_s} must be positive")
-    return binding
-
-
-def _check_public_url(url: str, source: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path.strip("/") or parts.query:
-        raise ConfigError(
-            f"{source}: [server] public_url = {url!r} must be a bare https:// base such as "
-            "'https://gw.example.com' (no path or query)"
-        )
-
-
-def _table(value: Any, source: str, section: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {section} must be a table, got {type(value).__name__}")
-    return value
-
-
-def _reject_unknown(table: Mapping[str, Any], known: set[str], source: str, section: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{source}: {section} has unknown key '{key}'; known keys: {sorted(known)}")
-
-
-def _build(kind: type, table: Any, source: str, section: str, skip: frozenset | set = frozenset(), **given):
-    """Build dataclass `kind` from a TOML table, checking every key's name and type against its fields."""
-    table = _table(table, source, section)
-    hints = typing.get_type_hints(kind)
-    settable = {f.name for f in dataclasses.fields(kind)} - set(given) - set(skip)
-    _reject_unknown(table, settable, source, section)
-    kwargs: dict[str, Any] = dict(given)
-    for key, value in table.items():
-        expected = hints[key]
-        if dataclasses.is_dataclass(expected):
-            kwargs[key] = _build(expected, value, source, f"{section[:-1]}.{key}]")
-        else:
-            kwargs[key] = _check_type(value, expected, source, section, key)
-    try:
-        return kind(**kwargs)
-    except TypeError as exc:  # a required field without a value
-        missing = [f.name for f in dataclasses.fields(kind) if f.name not in kwargs]
-        raise ConfigError(f"{source}: {section} is missing required key(s) {missing}") from exc
-
-
-def _check_type(value: Any, expected: Any, source: str, section: str, key: str) -> Any:
-    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
-    for option in options:
-        if option is type(None):
-            continue
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if option is int and isinstance(value, bool):
-            continue
-        if isinstance(value, option):
-            return value
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise ConfigError(f"{source}: {section} {key} = {value!r} should be {names}")
+    if agent.crm is not None:
+        where = f"{section[:-1]}.crm]"
+        if not agent.template:
+            found.append(f"{section} has a crm lookup but no template to put the record in")
+        if agent.crm.adapter not in adapters:
+            found.append(
+                f"{where} adapter = {agent.crm.adapter!r} is not declared; add a [crm.{agent.crm.adapter}] "
+                f"table (declared: {sorted(adapters)})"
+            )
+        try:
+            check_key_spec(agent.crm.key, where)
+        except CrmConfigError as exc:
+            found.append(str(exc))
+    return found

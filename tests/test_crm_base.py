@@ -43,7 +43,9 @@ def test_unknown_setting_names_section_and_key(customers_csv: Path) -> None:
 
 
 def test_setting_of_wrong_type_names_section_key_and_type(customers_csv: Path) -> None:
-    with pytest.raises(CrmConfigError, match=r"test.toml: \[crm.file\] deadline_s = 'fast' should be float"):
+    with pytest.raises(
+        CrmConfigError, match=r"test.toml: \[crm.file\] deadline_s = 'fast' should be a number"
+    ):
         file_adapter(customers_csv, deadline_s="fast")
 
 

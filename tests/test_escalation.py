@@ -184,11 +184,14 @@ async def test_an_engine_that_loses_the_session_hands_the_caller_to_a_human(
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"transfer_to": HUMAN, "actions": {"dtmf": ["teleport"]}}, "must be a list of"),
+        ({"transfer_to": HUMAN, "actions": {"dtmf": ["teleport"]}}, "dtmf = 'teleport' should be 'announce'"),
         ({"actions": {"dtmf": ["transfer"]}, "dtmf": "0"}, "needs transfer_to"),
         ({"dtmf": "0"}, "actions.dtmf lists nothing"),
         ({"phrases": ["(unclosed"], "actions": {"phrase": ["hangup"]}}, "not a regular expression"),
-        ({"actions": {"sneeze": ["hangup"]}}, "unknown trigger 'sneeze'"),
+        (
+            {"actions": {"sneeze": ["hangup"]}},
+            r"\[agents.a.escalation.actions\] key 'sneeze' should be 'dtmf'",
+        ),
     ],
 )
 def test_bad_escalation_settings_are_errors_naming_the_key(table, message):

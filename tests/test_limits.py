@@ -55,11 +55,11 @@ def test_per_call_parameters_override_the_agents_limits():
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"max_duraton": 60}, "unknown limit 'max_duraton'"),
-        ({"max_duration": -5}, "max_duration must be positive"),
+        ({"max_duraton": 60}, "unknown key 'max_duraton'"),
+        ({"max_duration": -5}, "max_duration = -5 should be greater than 0"),
         ({"warn_before": 10}, "warn_before needs max_duration"),
-        ({"horizon_action": "panic"}, "horizon_action must be one of"),
-        ({"silence_timeout": "ten"}, "silence_timeout must be a number"),
+        ({"horizon_action": "panic"}, "horizon_action = 'panic' should be 'wrap_up', 'reanchor'"),
+        ({"silence_timeout": "ten"}, r"silence_timeout = 'ten' should be a number"),
     ],
 )
 def test_bad_limits_are_errors_naming_where_and_the_key(table, message):

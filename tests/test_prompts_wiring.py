@@ -282,3 +282,28 @@ def test_config_check_reports_every_problem_at_once(tmp_path: Path, tiny_checkpo
     assert any("agent 'strict'" in p and "'name'" in p for p in problems)
     assert any("agent 'long'" in p and "max_prompt_tokens = 1" in p for p in problems)
     assert not any("agent 'good'" in p for p in problems)
+
+
+def test_config_check_lists_every_schema_problem_across_sections(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[server]\nport = "80"\nhots = 1\n[twilio]\nauth_token = "in-the-file"\n'
+        '[agents.a]\nvoice = "v"\nprompt = "p"\n[agents.a.limits]\nmax_duration = -1\n'
+        '[agents.b]\nvoice = "v"\n'
+        '[agents.c]\nvoice = "v"\nprompt = "p"\n[agents.c.sampling]\ntemp_text = "hot"\n'
+        '[numbers]\ndefault = "b"\n"+1555" = "d"\n'
+    )
+    assert main(["config", "check", "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    expected = [
+        "[server] port = '80' should be an integer",
+        "[server] has unknown key 'hots'",
+        "[twilio] auth_token is read from the environment",
+        "[agents.a.limits] max_duration = -1 should be greater than 0",
+        "[agents.b] needs either prompt (inline text) or template",
+        "[agents.c.sampling] temp_text = 'hot' should be a number",
+        "[numbers] +1555 = 'd' is not an agent",
+    ]
+    for fragment in expected:
+        assert sum(fragment in line and str(path) in line for line in lines) == 1, fragment
+    assert lines[-1].endswith(f"{len(expected)} problem(s) in the config")

@@ -8,7 +8,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from annotated_types import Gt
 
 from crm_adapters.base import CrmAdapter, CrmResult
 from engine.api import CONTEXT_STEPS
@@ -62,7 +64,7 @@ class CrmBinding:
 
     adapter: str
     key: str = "caller"
-    deadline_s: float | None = None  # None: the adapter's own deadline_s
+    deadline_s: Annotated[float, Gt(0)] | None = None  # None: the adapter's own deadline_s
 
 
 class PromptAgent(Protocol):

@@ -12,38 +12,52 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
+from gateway.schema import validate
 
 log = logging.getLogger(__name__)
 
-TRIGGERS = (
-    "dtmf",
-    "phrase",
-    "warning",
-    "max_duration",
-    "silence_timeout",
-    "context_horizon",
-    "engine_lost",
-    "api",
-)
-ACTIONS = ("announce", "webhook", "transfer", "hangup")
+Trigger = Literal[
+    "dtmf", "phrase", "warning", "max_duration", "silence_timeout", "context_horizon", "engine_lost", "api"
+]
+Action = Literal["announce", "webhook", "transfer", "hangup"]
+TRIGGERS: tuple[str, ...] = typing.get_args(Trigger)
+ACTIONS: tuple[str, ...] = typing.get_args(Action)
 TRANSFER_GRACE_S = 5.0  # after asking the carrier to transfer, it stops the stream; end ours if it does not
 
 
 @dataclass(frozen=True)
 class EscalationPolicy:
+    """An agent's escalation ([agents.<name>.escalation]; the schema the config is checked against)."""
+
     dtmf: str = ""  # keys that ask for a human, e.g. "0" or "0*"
     phrases: tuple[str, ...] = ()  # regular expressions over the agent's recent words (case-insensitive)
     announcement: str = ""  # what the agent says before the hand-off
     transfer_to: str = ""  # E.164 number or sip: URI for `transfer`
-    actions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # trigger -> actions, in order
+    actions: Mapping[Trigger, tuple[Action, ...]] = field(
+        default_factory=dict
+    )  # trigger -> actions, in order
+
+    def __post_init__(self) -> None:
+        for phrase in self.phrases:
+            try:
+                re.compile(phrase)
+            except re.error as exc:
+                raise ValueError(f"phrase {phrase!r} is not a regular expression ({exc})") from None
+        if any("transfer" in acts for acts in self.actions.values()) and not self.transfer_to:
+            raise ValueError("a transfer action needs transfer_to (a number or sip: URI)")
+        if self.dtmf and not self.actions_for("dtmf"):
+            raise ValueError(f"dtmf = {self.dtmf!r} but actions.dtmf lists nothing to do")
+        if self.phrases and not self.actions_for("phrase"):
+            raise ValueError("phrases are given but actions.phrase lists nothing to do")
 
     def actions_for(self, trigger: str) -> tuple[str, ...]:
-        return self.actions.get(trigger, ())
+        return self.actions.get(trigger, ())  # type: ignore[call-overload]
 
     @property
     def handles(self) -> frozenset[str]:
@@ -55,44 +69,8 @@ class EscalationPolicy:
 
 
 def parse_escalation(table: Mapping[str, Any], where: str) -> EscalationPolicy:
-    """An [agents.<name>.escalation] table; errors name `where` and the key."""
-    known = {"dtmf", "phrases", "announcement", "transfer_to", "actions"}
-    for key in table:
-        if key not in known:
-            raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-    text = {k: table.get(k, "") for k in ("dtmf", "announcement", "transfer_to")}
-    for key, value in text.items():
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: {key} must be text")
-    phrases = table.get("phrases", [])
-    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
-        raise ValueError(f"{where}: phrases must be a list of regular expressions")
-    for phrase in phrases:
-        try:
-            re.compile(phrase)
-        except re.error as exc:
-            raise ValueError(f"{where}: phrase {phrase!r} is not a regular expression ({exc})") from None
-    actions: dict[str, tuple[str, ...]] = {}
-    raw_actions = table.get("actions", {})
-    if not isinstance(raw_actions, Mapping):
-        raise ValueError(f"{where}: actions must be a table of trigger = [actions]")
-    for trigger, acts in raw_actions.items():
-        if trigger not in TRIGGERS:
-            known_triggers = ", ".join(TRIGGERS)
-            raise ValueError(f"{where}.actions: unknown trigger '{trigger}' (known: {known_triggers})")
-        if not isinstance(acts, list) or any(a not in ACTIONS for a in acts):
-            raise ValueError(f"{where}.actions: {trigger} must be a list of {', '.join(ACTIONS)}")
-        actions[trigger] = tuple(acts)
-    policy = EscalationPolicy(
-        text["dtmf"], tuple(phrases), text["announcement"], text["transfer_to"], actions
-    )
-    if any("transfer" in acts for acts in actions.values()) and not policy.transfer_to:
-        raise ValueError(f"{where}: a transfer action needs transfer_to (a number or sip: URI)")
-    if policy.dtmf and not policy.actions_for("dtmf"):
-        raise ValueError(f"{where}: dtmf = {policy.dtmf!r} but actions.dtmf lists nothing to do")
-    if policy.phrases and not policy.actions_for("phrase"):
-        raise ValueError(f"{where}: phrases are given but actions.phrase lists nothing to do")
-    return policy
+    """An [agents.<name>.escalation] table; problems name `where` and the key."""
+    return validate(EscalationPolicy, table, where)
 
 
 class EscalatingCall(Protocol):

@@ -11,27 +11,36 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import Gt, Lt
 
 from engine.api import FRAME_S
+from gateway.schema import validate
 
-HORIZON_ACTIONS = ("wrap_up", "reanchor", "hand_off", "none")
 OVERRIDE_PREFIX = "limit_"  # per-call overrides arrive as <Parameter name="limit_max_duration" value="60"/>
+
+
+Seconds = Annotated[float, Gt(0)]
+HorizonAction = Literal["wrap_up", "reanchor", "hand_off", "none"]
 
 
 @dataclass(frozen=True)
 class CallLimits:
-    max_duration: float | None = None  # seconds; the call ends at this caller-clock time
-    warn_before: float | None = None  # seconds before max_duration: a warning event (and the wrap-up line)
+    """An agent's limits ([agents.<name>.limits]; the schema the config is checked against)."""
+
+    max_duration: Seconds | None = None  # the call ends at this caller-clock time
+    warn_before: Seconds | None = None  # seconds before max_duration: a warning event (and the wrap-up line)
     wrap_up_line: str = ""  # what the agent says at the warning or before a horizon wrap-up
-    silence_timeout: float | None = None  # seconds without caller speech: the call ends
-    silence_dbfs: float = -45.0  # a caller frame quieter than this (RMS, dB full scale) is silence
-    horizon_action: str = (
-        "wrap_up"  # before the role prompt leaves the window: wrap_up | reanchor | hand_off | none
-    )
-    horizon_margin: float = 15.0  # seconds before that point to act
+    silence_timeout: Seconds | None = None  # seconds without caller speech: the call ends
+    silence_dbfs: Annotated[float, Lt(0)] = -45.0  # a caller frame quieter than this (RMS, dBFS) is silence
+    horizon_action: HorizonAction = "wrap_up"  # before the role prompt leaves the model's window
+    horizon_margin: Seconds = 15.0  # seconds before that point to act
+
+    def __post_init__(self) -> None:
+        if self.warn_before is not None and self.max_duration is None:
+            raise ValueError("warn_before needs max_duration")
 
     def with_overrides(self, params: Mapping[str, str]) -> CallLimits:
         """This agent's limits with the call's own `limit_*` parameters applied (bad values: ValueError)."""
@@ -42,41 +51,12 @@ class CallLimits:
 def parse_limits(
     table: Mapping[str, Any], where: str, base: CallLimits | None = None, from_text: bool = False
 ) -> CallLimits:
-    """Build limits from a config table (or call parameters, whose values are text); errors name `where`
-    and the key."""
-    base = base or CallLimits()
-    known = {f.name: f for f in dataclasses.fields(CallLimits)}
-    values: dict[str, Any] = {}
-    for key, raw in table.items():
-        if key not in known:
-            raise ValueError(f"{where}: unknown limit '{key}' (known: {', '.join(known)})")
-        values[key] = _value(key, raw, where, from_text)
-    limits = dataclasses.replace(base, **values)
-    if limits.horizon_action not in HORIZON_ACTIONS:
-        raise ValueError(
-            f"{where}: horizon_action must be one of {HORIZON_ACTIONS}, not {limits.horizon_action!r}"
-        )
-    if limits.warn_before is not None and limits.max_duration is None:
-        raise ValueError(f"{where}: warn_before needs max_duration")
-    return limits
-
-
-def _value(key: str, raw: Any, where: str, from_text: bool) -> Any:
-    if key in ("wrap_up_line", "horizon_action"):
-        if not isinstance(raw, str):
-            raise ValueError(f"{where}: {key} must be text")
-        return raw
-    if from_text and isinstance(raw, str) and raw.strip().lower() in ("", "none", "off"):
-        return None
-    try:
-        number = float(raw) if from_text and isinstance(raw, str) else raw
-    except ValueError:
-        raise ValueError(f"{where}: {key} must be a number of seconds, not {raw!r}") from None
-    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-        raise ValueError(f"{where}: {key} must be a number of seconds, not {raw!r}")
-    if key != "silence_dbfs" and number <= 0:
-        raise ValueError(f"{where}: {key} must be positive, not {raw!r}")
-    return float(number)
+    """`base` (default: no limits) with the limits of a config table, or of call parameters, whose values
+    are text ("off", "none" or "" clears a limit); problems name `where` and the key."""
+    if from_text:
+        table = {k: None if str(v).strip().lower() in ("", "none", "off") else v for k, v in table.items()}
+    values = {**dataclasses.asdict(base or CallLimits()), **table}
+    return validate(CallLimits, values, where, strict=not from_text)
 
 
 @dataclass(frozen=True)
