@@ -46,6 +46,9 @@ class ServerSection:
     # instead of sent. It includes the network round trip to the carrier: raise it for distant carriers.
     carrier_buffer_s: float = 0.2
     templates_dir: str = ""  # role-prompt templates; empty: the bundled templates/ (relative: from this file)
+    # HTTP request bodies over this are refused (413) before they are read: a voice webhook's form is a
+    # few KiB, control API bodies less.
+    max_body_bytes: Annotated[int, Gt(0)] = 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from engine.api import Engine
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.config import GatewayConfig
+from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import TOKEN_PARAMETER, serve_media_stream
 from gateway.edge.transports.twilio import (
     MEDIA_PATH,
@@ -67,6 +68,7 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
             await gateway.webhooks.aclose()  # bounded: delivers what it can of the last events
 
     app = FastAPI(title="duplexgate", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes)
     app.state.gateway = gateway
     app.state.control = control
     app.include_router(control.router)

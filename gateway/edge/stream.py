@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big is not a media message
 TOKEN_PARAMETER = "token"
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
+MESSAGE_TOO_BIG = 1009
 
 
 async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
@@ -112,6 +113,12 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
     while True:
         raw = await _receive(websocket)
         if raw is None:
+            return None
+        if len(raw) > MAX_MESSAGE_BYTES:  # nobody is on this stream yet: no reason to keep reading it
+            log.warning(
+                "%s stream from %s: a %d-byte message before start; closed", dialect.name, peer, len(raw)
+            )
+            await _close(websocket, MESSAGE_TOO_BIG)
             return None
         try:
             event = dialect.parse(raw)

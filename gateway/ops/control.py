@@ -20,7 +20,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
 from gateway.call.session import CallSession
@@ -40,12 +40,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_REASON_CHARS = 500  # an escalation reason travels into records, webhooks and logs
+
 HANGUP_REASON = "api_hangup"
 RESUBSCRIBE_S = 1.0  # after the store drops the command subscription, try again this often
 
 
 class EscalateBody(BaseModel):
-    reason: str = ""
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
 def open_store(url: str) -> CallStore:
