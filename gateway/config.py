@@ -105,6 +105,9 @@ class AgentConfig:
     sampling: Sampling = Sampling()
     limits: CallLimits = CallLimits()
     escalation: EscalationPolicy = EscalationPolicy()
+    # With signatures on, a media stream must carry the call token its voice webhook handed out; true lets
+    # streams started without one (a TwiML Bin pointing straight at /twilio/media) reach this agent.
+    allow_unprepared_streams: bool = False
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def short_transfer_grace(monkeypatch):
 
 def tables(api_url: str, limits: dict | None = None, **policy) -> dict:
     agent = {"voice": "demo", "prompt": "You are a helpful assistant for SwiftPlex.", "escalation": policy}
+    agent["allow_unprepared_streams"] = True  # these calls stream straight to /twilio/media, signed
     if limits:
         agent["limits"] = limits
     return {

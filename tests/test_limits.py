@@ -44,10 +44,14 @@ def test_context_horizon_fires_inside_the_margin_and_again_only_when_rearmed():
     assert [e.detail for e in guard.on_caller_frame(0.32, SPEECH, horizon_steps=10)] == ["reanchor"]
 
 
-def test_per_call_parameters_override_the_agents_limits():
+def test_per_call_parameters_can_only_tighten_the_agents_limits():
     agent = CallLimits(max_duration=600.0, silence_timeout=10.0)
     call = agent.with_overrides({"limit_max_duration": "45", "limit_silence_timeout": "off", "token": "x"})
-    assert (call.max_duration, call.silence_timeout) == (45.0, None)
+    assert (call.max_duration, call.silence_timeout) == (45.0, 10.0)  # shortened; "off" ignored
+    longer = agent.with_overrides({"limit_max_duration": "3600", "limit_silence_timeout": "60"})
+    assert (longer.max_duration, longer.silence_timeout) == (600.0, 10.0)
+    assert agent.with_overrides({"limit_horizon_action": "none", "limit_silence_dbfs": "-90"}) == agent
+    assert CallLimits().with_overrides({"limit_max_duration": "30"}).max_duration == 30.0  # set where open
     with pytest.raises(ValueError, match="max_duration"):
         agent.with_overrides({"limit_max_duration": "soon"})
 

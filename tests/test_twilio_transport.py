@@ -33,6 +33,8 @@ from gateway.edge.transports.twilio import (
 TOKEN = "12345"
 PUBLIC = "https://gw.example.com"
 STREAM_SID = "MZ18ad3ab5a668481ce02b83e7395059f0"
+CALL_SID = "CA" + "1" * 32
+ACCOUNT_SID = "AC" + "2" * 32
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_start_with_uuid_stream_sid_is_accepted(twilio: TwilioDialect) -> None:
     sid = "b1b7f5c4-6d8e-4c34-9b7a-0d7f6e5d4c3b"
     start = {
         "streamSid": sid,
-        "callSid": "CA1",
+        "callSid": CALL_SID,
         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000},
     }
     event = twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=sid))
@@ -98,7 +100,10 @@ def test_dtmf_mark_and_stop_become_their_events(twilio: TwilioDialect) -> None:
     )
     mark = _msg(event="mark", sequenceNumber="4", streamSid=STREAM_SID, mark={"name": "agent-7"})
     stop = _msg(
-        event="stop", sequenceNumber="9", stop={"accountSid": "AC1", "callSid": "CA1"}, streamSid=STREAM_SID
+        event="stop",
+        sequenceNumber="9",
+        stop={"accountSid": ACCOUNT_SID, "callSid": CALL_SID},
+        streamSid=STREAM_SID,
     )
     assert twilio.parse(dtmf) == DtmfPressed("#")
     assert twilio.parse(mark) == MarkPlayed("agent-7")
@@ -119,13 +124,15 @@ def test_dtmf_mark_and_stop_become_their_events(twilio: TwilioDialect) -> None:
         (_msg(event="dtmf", dtmf={"digit": "x"}, streamSid=STREAM_SID), "not a DTMF key"),
         (_msg(event="start", start={"streamSid": STREAM_SID}), "callSid"),
         (
-            _msg(event="start", start={"callSid": "CA1", "streamSid": "MZ1", "customParameters": {"a": 1}}),
+            _msg(
+                event="start", start={"callSid": CALL_SID, "streamSid": "MZ1", "customParameters": {"a": 1}}
+            ),
             "flat",
         ),
         (
             _msg(
                 event="start",
-                start={"callSid": "CA1", "streamSid": "MZ1", "mediaFormat": {"encoding": "pcm"}},
+                start={"callSid": CALL_SID, "streamSid": "MZ1", "mediaFormat": {"encoding": "pcm"}},
             ),
             "x-mulaw",
         ),
@@ -265,3 +272,20 @@ def test_twiml_refuses_stream_url_with_query_string() -> None:
 
 def test_stream_url_turns_public_https_into_wss() -> None:
     assert TwilioDialect(TOKEN, PUBLIC + "/").stream_url() == "wss://gw.example.com/twilio/media"
+
+
+@pytest.mark.parametrize(
+    ("start", "named"),
+    [
+        ({"callSid": "CA1", "streamSid": STREAM_SID}, "callSid"),
+        ({"callSid": "CA" + "1" * 31 + "*", "streamSid": STREAM_SID}, "callSid"),
+        ({"callSid": "live:CA" + "1" * 32, "streamSid": STREAM_SID}, "callSid"),
+        ({"callSid": CALL_SID, "streamSid": "MZ1 OR 1=1"}, "streamSid"),
+        ({"callSid": CALL_SID, "streamSid": STREAM_SID, "accountSid": "AC-someone-else"}, "accountSid"),
+    ],
+)
+def test_a_start_whose_sids_are_not_twilios_shapes_is_malformed(
+    twilio: TwilioDialect, start: dict, named: str
+) -> None:
+    with pytest.raises(MalformedMessage, match=named):
+        twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=STREAM_SID))

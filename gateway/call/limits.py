@@ -19,6 +19,7 @@ from annotated_types import Gt, Lt
 from engine.api import FRAME_S
 from gateway.schema import validate
 
+TIGHTENABLE = ("max_duration", "silence_timeout")  # limits a call's own parameters may shorten
 OVERRIDE_PREFIX = "limit_"  # per-call overrides arrive as <Parameter name="limit_max_duration" value="60"/>
 
 
@@ -43,9 +44,24 @@ class CallLimits:
             raise ValueError("warn_before needs max_duration")
 
     def with_overrides(self, params: Mapping[str, str]) -> CallLimits:
-        """This agent's limits with the call's own `limit_*` parameters applied (bad values: ValueError)."""
-        table = {k[len(OVERRIDE_PREFIX) :]: v for k, v in params.items() if k.startswith(OVERRIDE_PREFIX)}
-        return parse_limits(table, "call parameters", base=self, from_text=True) if table else self
+        """This agent's limits, tightened by the call's own `limit_*` parameters. A stream's parameters come
+        from outside, so they may only shorten `max_duration` or `silence_timeout` (or set one the agent
+        leaves open); a longer, cleared ("off") or other limit is ignored. A value that is not a number of
+        seconds raises ValueError."""
+        asked = {
+            key: value
+            for name, value in params.items()
+            if name.startswith(OVERRIDE_PREFIX) and (key := name[len(OVERRIDE_PREFIX) :]) in TIGHTENABLE
+        }
+        if not asked:
+            return self
+        parsed = parse_limits(asked, "call parameters", from_text=True)
+        shorter = {}
+        for key in asked:
+            mine, theirs = getattr(self, key), getattr(parsed, key)
+            if theirs is not None and (mine is None or theirs < mine):
+                shorter[key] = theirs
+        return dataclasses.replace(self, **shorter)
 
 
 def parse_limits(

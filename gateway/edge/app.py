@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import TOKEN_PARAMETER, serve_media_stream
 from gateway.edge.transports.twilio import (
+    CALL_SID,
     MEDIA_PATH,
     VOICE_PATH,
     TwilioCallControl,
@@ -102,8 +103,10 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
             return Response("invalid signature", status_code=403, media_type="text/plain")
         fields = dict(form)
         call_id = fields.get("CallSid", "")
-        if not call_id:
-            return JSONResponse({"error": "voice webhook without CallSid"}, status_code=400)
+        if not CALL_SID.fullmatch(call_id):
+            return JSONResponse(
+                {"error": "voice webhook without a CallSid (CA + 32 hex digits)"}, status_code=400
+            )
         agent = config.agent_for(fields.get("To"))
         token = secrets.token_urlsafe(24)
         gateway.prepared.add(

@@ -47,6 +47,10 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
     if started is None:  # the carrier went away before starting
         return
     call_id = started.call_id
+    if call_id in gateway.calls:  # a stream never takes over a call that is live
+        log.warning("call %s: a second media stream for a live call; refused, the live call goes on", call_id)
+        await _close(websocket, POLICY_VIOLATION)
+        return
     token = started.custom_parameters.get(TOKEN_PARAMETER)
     if token is not None:
         prepared = gateway.prepared.claim(call_id, token)
@@ -62,8 +66,14 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         agent = prepared.agent
         engine_session = prepared.engine_session
     else:
-        # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent.
+        # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent. A signed
+        # upgrade covers only the constant stream URL and can be replayed, so with signatures on only the
+        # single-use token vouches for a stream, unless the agent takes unprepared streams.
         agent = gateway.config.agent_for(started.called)
+        if dialect.authenticates and not agent.allow_unprepared_streams:
+            log.warning("call %s: stream without a call token; refused (agent %s)", call_id, agent.name)
+            await _close(websocket, POLICY_VIOLATION)
+            return
         log.info("call %s: stream without a token; priming agent %s now", call_id, agent.name)
         incoming = IncomingCall(
             call_id, caller=started.caller, called=started.called, params=dict(started.custom_parameters)
@@ -95,9 +105,6 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         phrases=agent.escalation.compiled_phrases(),
         escalates=agent.escalation.handles,
     )
-    if call_id in gateway.calls:
-        log.warning("call %s: a second media stream replaces the first", call_id)
-        await gateway.calls[call_id].end("replaced_by_new_stream")
     gateway.calls[call_id] = call
     call.start()
     try:

@@ -24,6 +24,11 @@ class CarrierDialect(ABC):
 
     name: ClassVar[str]  # short carrier name, also the URL prefix of its routes ("twilio")
 
+    @property
+    def authenticates(self) -> bool:
+        """Whether this dialect checks its carrier's signatures (its secret is configured)."""
+        return False
+
     @abstractmethod
     def parse(self, message: str | bytes) -> CallEvent:
         """Turn one WebSocket message into a CallEvent; raise MalformedMessage saying what is wrong."""

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +39,10 @@ _ENCODINGS = {"audio/x-mulaw": "mulaw"}  # the only encoding Twilio streams
 _DTMF_DIGITS = frozenset("0123456789*#ABCD")
 _DEFAULT_PORTS = {"https": 443, "wss": 443, "http": 80, "ws": 80}
 _MAX_PARAMETER_CHARS = 500  # Twilio: name + value of one <Parameter> must stay under this
+# Identifiers from the wire become log fields, store keys and REST paths: only their documented shapes pass.
+CALL_SID = re.compile(r"CA[0-9a-f]{32}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
+STREAM_SID = re.compile(r"[A-Za-z0-9-]{1,64}")  # MZ + 32 hex; early streams carried a UUID
 
 
 class TwilioDialect(CarrierDialect):
@@ -51,6 +56,10 @@ class TwilioDialect(CarrierDialect):
         if self.auth_token and not self.public_url:
             # Signed URLs must come from configuration: Host and X-Forwarded-* are attacker-controlled.
             raise ValueError("a Twilio auth token needs a public URL to check signatures against")
+
+    @property
+    def authenticates(self) -> bool:
+        return self.auth_token is not None
 
     # --- inbound ------------------------------------------------------------------------------------
 
@@ -224,7 +233,7 @@ class TwilioCallControl:
     async def _update(self, call_sid: str, form: dict[str, str], account_sid: str | None) -> None:
         import httpx
 
-        account = account_sid or self.account_sid
+        account = self.account_sid or account_sid  # the configured account wins over what a stream said
         if not account or not self.auth_token:
             raise RuntimeError("Twilio call control needs the account SID and auth token ([twilio] settings)")
         url = f"{self.api_base}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
@@ -278,9 +287,15 @@ def _parse_media(data: dict[str, Any]) -> CallerAudio:
 def _parse_start(data: dict[str, Any]) -> CallStarted:
     start = _section(data, "start")
     call_id = _text(start, "start.callSid", "callSid")
+    if not CALL_SID.fullmatch(call_id):
+        raise MalformedMessage(
+            f"start.callSid {call_id[:40]!r} is not a Twilio call SID (CA + 32 hex digits)"
+        )
     stream_id = start.get("streamSid", data.get("streamSid"))
     if not isinstance(stream_id, str) or not stream_id:
         raise MalformedMessage("start without a streamSid")
+    if not STREAM_SID.fullmatch(stream_id):
+        raise MalformedMessage(f"start.streamSid {stream_id[:40]!r} is not a stream SID")
     params = start.get("customParameters", {})
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         raise MalformedMessage("start.customParameters is not a flat string-to-string object")
@@ -294,6 +309,8 @@ def _parse_start(data: dict[str, Any]) -> CallStarted:
     if not isinstance(rate, int) or not isinstance(channels, int) or rate <= 0 or channels != 1:
         raise MalformedMessage(f"start.mediaFormat sampleRate={rate!r} channels={channels!r} unsupported")
     account = start.get("accountSid")
+    if account is not None and not (isinstance(account, str) and ACCOUNT_SID.fullmatch(account)):
+        raise MalformedMessage(f"start.accountSid {str(account)[:40]!r} is not a Twilio account SID")
     return CallStarted(
         call_id=call_id,
         stream_id=stream_id,
