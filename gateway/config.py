@@ -41,6 +41,7 @@ class ServerSection:
     port: int = 8080
     public_url: str = ""  # "https://gw.example.com": base of the TwiML stream URL and of signed URLs
     stream_start_timeout_s: float = 5.0  # close a media stream that does not say `start` in time
+    stream_idle_timeout_s: Annotated[float, Gt(0)] = 10.0  # end a call whose stream sends no audio this long
     call_token_ttl_s: float = 30.0  # how long a prepared call waits for its media stream
     # Agent audio sent but not yet confirmed played (mark echoes) before the next frame is dropped
     # instead of sent. It includes the network round trip to the carrier: raise it for distant carriers.

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from gateway.call.events import CallStarted, EndStream, MalformedMessage, OutboundCommand
+from gateway.call.events import CallerAudio, CallStarted, EndStream, MalformedMessage, OutboundCommand
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.edge.transports.base import CarrierDialect
@@ -108,7 +108,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
     gateway.calls[call_id] = call
     call.start()
     try:
-        await _bridge(websocket, dialect, call)
+        await _bridge(websocket, dialect, call, gateway.config.server.stream_idle_timeout_s)
     finally:
         await call.end("carrier_disconnected", notify_carrier=False)
         if gateway.calls.get(call_id) is call:
@@ -139,9 +139,20 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
         # `connected` precedes `start`; anything else before `start` has no call to go to.
 
 
-async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession) -> None:
+async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession, idle_s: float) -> None:
+    """Carrier messages to the call until either side ends it. A carrier streams caller audio without
+    pause, silence included: a stream with no audio for `idle_s` of wall clock is dead or hostile, and its
+    call ends ("stream_idle") rather than hold an engine slot."""
+    loop = asyncio.get_running_loop()
+    audio_due = loop.time() + idle_s
     while not call.ended:
-        raw = await _receive(websocket)
+        try:
+            async with asyncio.timeout_at(audio_due):
+                raw = await _receive(websocket)
+        except TimeoutError:
+            log.warning("call %s: no caller audio for %.0f s; ending the call", call.call_id, idle_s)
+            await call.end("stream_idle")
+            return
         if raw is None:
             return
         if len(raw) > MAX_MESSAGE_BYTES:
@@ -156,6 +167,8 @@ async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSessi
             call.stats.malformed_messages += 1
             log.warning("call %s: dropped malformed message: %s", call.call_id, exc)
             continue
+        if isinstance(event, CallerAudio):
+            audio_due = loop.time() + idle_s
         await call.handle(event)
 
 
