@@ -419,6 +419,19 @@ class EngineWorker:
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="engine-steps")
+            self._loop_task.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        """The step loop is supervised: if it ends while the engine is open (a bug, or something cancelled
+        it), every session it was stepping is told at once (`engine_lost`), so its call can take the
+        escalation path instead of waiting for frames that will never come. The next `open` starts a new
+        loop."""
+        if self._closing:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("engine step loop ended (%s); %d sessions lost", why, len(self._sessions))
+        for session in list(self._sessions.values()):
+            session._finish("engine_lost")
 
     async def _step_loop(self) -> None:
         capacity = self.runner.capacity

@@ -66,3 +66,26 @@ async def test_a_stream_that_stops_sending_audio_is_ended_with_a_record(recorded
 async def test_a_silent_caller_who_keeps_streaming_is_not_idle(recorded_gateway) -> None:
     summary = await simulate_call(recorded_gateway.ws_url, speech_like(0.1), tail_s=1.5)  # mostly silence
     assert summary.closed_by == "carrier"
+
+
+async def test_killing_the_engine_step_loop_tells_every_live_call_within_a_second(
+    start_gateway, engine
+) -> None:
+    live = start_gateway(engine)
+    lost: list[tuple[str, float]] = []
+
+    def on_notice(notice) -> None:  # no escalation configured: the call ends as engine_lost
+        if notice.kind == "ended" and notice.detail == "engine_lost":
+            lost.append((notice.call_id, time.monotonic()))
+
+    live.state.notice_hooks.append(on_notice)
+    sids = ["CA" + str(i) * 32 for i in (1, 2)]
+    calls = [asyncio.create_task(simulate_call(live.ws_url, speech_like(3.0), call_sid=sid)) for sid in sids]
+    assert await live.until(lambda: engine.active == 2 and engine.stats.steps > 3, timeout_s=10)
+    task = engine._loop_task
+    killed_at = time.monotonic()
+    task.get_loop().call_soon_threadsafe(task.cancel)
+    assert await live.until(lambda: len(lost) == 2, timeout_s=2)
+    assert sorted(call_id for call_id, _ in lost) == sids
+    assert max(at for _, at in lost) - killed_at < 1.0
+    await asyncio.gather(*calls)

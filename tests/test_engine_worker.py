@@ -297,3 +297,19 @@ async def test_admission_says_why_not_when_every_slot_is_taken(worker):
     assert not admission.ready and admission.reason == "all 2 engine slots are in use"
     await sessions[1].close()
     assert (await worker.admission()).ready
+
+
+async def test_every_live_session_is_told_engine_lost_when_the_step_loop_dies(worker):
+    sessions = [await worker.open(SPEC), await worker.open(SPEC)]
+    for session in sessions:
+        await talk(session, caller_frames(1))
+    streams = [session.frames().__aiter__() for session in sessions]
+    killed_at = time.monotonic()
+    worker._loop_task.cancel()  # the loop dies, as a bug in it would end it
+    for stream in streams:
+        with pytest.raises(SessionClosed, match="engine lost"):
+            await asyncio.wait_for(stream.__anext__(), 1.0)
+    assert time.monotonic() - killed_at < 1.0
+    assert [s.close_reason for s in sessions] == ["engine_lost", "engine_lost"] and worker.active == 0
+    replacement = await worker.open(SPEC)  # a new call gets a new loop
+    assert len(await talk(replacement, caller_frames(2))) == 2
