@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file (default: the embedded deploy/example.toml)")
     serve.add_argument("--host", help="override [server] host")
     serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument(
+        "--confirm-unsigned",
+        action="store_true",
+        help="with [twilio] allow_unsigned = true: serve unsigned traffic on a non-loopback address",
+    )
     serve.set_defaults(run=_serve)
 
     call = commands.add_parser("call", help="place a simulated Twilio call against a running gateway")
@@ -114,6 +119,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.server.host
     port = args.port or config.server.port
+    from gateway.config import exposure_problem
+
+    unsafe = exposure_problem(config, host, args.confirm_unsigned)
+    if unsafe is not None:
+        print(f"duplexgate: {unsafe}", file=sys.stderr)
+        return 2
 
     async def serve() -> None:
         from engine.embedded import create_default_engine  # heavy (torch): only when serving

@@ -7,6 +7,7 @@ Every validation error names the file, the section and the key, and says what wa
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import tomllib
@@ -37,9 +38,11 @@ EXAMPLE_CONFIG = asset_root() / "deploy" / "example.toml"
 
 @dataclass(frozen=True)
 class ServerSection:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; "0.0.0.0" serves the network (signatures required)
     port: int = 8080
     public_url: str = ""  # "https://gw.example.com": base of the TwiML stream URL and of signed URLs
+    public_url_env: str = "DUPLEXGATE_PUBLIC_URL"  # when this variable is set, it is the public URL
+    allow_http_public_url: bool = False  # an http:// public URL for a host other than this machine
     stream_start_timeout_s: float = 5.0  # close a media stream that does not say `start` in time
     stream_idle_timeout_s: Annotated[float, Gt(0)] = 10.0  # end a call whose stream sends no audio this long
     call_token_ttl_s: float = 30.0  # how long a prepared call waits for its media stream
@@ -55,6 +58,9 @@ class ServerSection:
 @dataclass(frozen=True)
 class TwilioSection:
     auth_token_env: str = "TWILIO_AUTH_TOKEN"
+    # Without the auth token nothing checks who is calling. Serving unsigned traffic beyond this machine
+    # needs this switch and `duplexgate serve --confirm-unsigned`.
+    allow_unsigned: bool = False
     auth_token: str | None = None  # resolved from the environment, never read from the file
     account_sid_env: str = "TWILIO_ACCOUNT_SID"  # for call control (transfer); else the stream's accountSid
     account_sid: str | None = None  # resolved from the environment
@@ -215,8 +221,15 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
             )
         else:
             webhooks = dataclasses.replace(webhooks, secret=env[webhooks.secret_env])
+    if env.get(server.public_url_env):
+        server = dataclasses.replace(server, public_url=env[server.public_url_env])
     if server.public_url:
         parts = urlsplit(server.public_url)
+        if parts.scheme == "http" and not server.allow_http_public_url and not is_loopback(parts.hostname):
+            problems.add(
+                f"[server] public_url = {server.public_url!r} is plain http: carriers would send calls "
+                "unencrypted; use https:// (TLS in front), or set allow_http_public_url = true"
+            )
         if (
             parts.scheme not in ("https", "http")
             or not parts.hostname
@@ -338,3 +351,35 @@ def _agent_problems(
         except CrmConfigError as exc:
             found.append(str(exc))
     return found
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (a name or address) is this machine only."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address((host or "").strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(config: GatewayConfig, host: str, confirmed_unsigned: bool = False) -> str | None:
+    """Why serving `config` on `host` would be unsafe, or None. Without Twilio signatures anyone who can
+    reach the port can place calls: that is fine on this machine (the demo), and beyond it only when the
+    operator says so twice ([twilio] allow_unsigned and `--confirm-unsigned`)."""
+    if config.twilio.auth_token is not None or is_loopback(host):
+        return None
+    if config.twilio.allow_unsigned and confirmed_unsigned:
+        return None
+    variable = config.twilio.auth_token_env
+    fix = (
+        "add --confirm-unsigned to serve unsigned traffic anyway"
+        if config.twilio.allow_unsigned
+        else f"export {variable} and set [server] public_url (or {config.server.public_url_env}), or bind "
+        "to 127.0.0.1; to serve unsigned traffic anyway set [twilio] allow_unsigned = true and add "
+        "--confirm-unsigned"
+    )
+    return (
+        f"{config.source}: refusing to serve on {host} without Twilio signatures ({variable} is not set): "
+        f"{fix}"
+    )
