@@ -105,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.edge.app import create_app
+    from gateway.edge.server import DrainingServer
 
     loaded = _checked_config(args.config, "duplexgate")
     if isinstance(loaded, int):
@@ -133,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
         if inspect.isawaitable(engine):
             engine = await engine
         app = create_app(config, engine)
-        server = uvicorn.Server(
+        server = DrainingServer(
+            app.state.drain,
             uvicorn.Config(
                 app,
                 host=host,
@@ -142,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
                 ws_max_size=WS_MAX_BYTES,
                 log_level="info",
                 lifespan="on",
-            )
+            ),
         )
         try:
             await server.serve()

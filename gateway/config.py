@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from annotated_types import Gt, Lt
+from annotated_types import Ge, Gt, Lt
 
 from crm_adapters.base import CrmAdapter, CrmConfigError, check_key_spec, create_adapter
 from engine.api import CONTEXT_STEPS, Sampling
@@ -45,6 +45,9 @@ class ServerSection:
     allow_http_public_url: bool = False  # an http:// public URL for a host other than this machine
     stream_start_timeout_s: float = 5.0  # close a media stream that does not say `start` in time
     stream_idle_timeout_s: Annotated[float, Gt(0)] = 10.0  # end a call whose stream sends no audio this long
+    # On SIGTERM: no new calls, live calls may finish for this long, then they are ended (with records).
+    # A Kubernetes pod's terminationGracePeriodSeconds must be longer.
+    drain_grace_s: Annotated[float, Ge(0)] = 120.0
     call_token_ttl_s: float = 30.0  # how long a prepared call waits for its media stream
     # Agent audio sent but not yet confirmed played (mark echoes) before the next frame is dropped
     # instead of sent. It includes the network round trip to the carrier: raise it for distant carriers.

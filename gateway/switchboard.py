@@ -125,6 +125,7 @@ class Switchboard:
         self.engine = engine
         self._transfer_call = transfer
         self.prepared = PreparedCalls(config.server.call_token_ttl_s)
+        self.draining = False  # set by `drain`: no new calls
         self.calls: dict[str, CallSession] = {}
         self.notice_hooks: list[NoticeHook] = []  # later issues (escalation, records) subscribe here
         self.renderer = PromptRenderer(config.templates_dir)
@@ -245,6 +246,27 @@ class Switchboard:
                 hook(notice)
             except Exception:
                 log.exception("call %s: notice hook %r failed", notice.call_id, hook)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking calls (`draining`: new voice webhooks and unprepared streams are refused, /readyz
+        says so), let the calls held here finish for up to `grace_s`, then end the rest (each gets its
+        record as any ended call does)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        log.warning(
+            "draining: no new calls; waiting up to %.0f s for %d live and %d prepared calls",
+            grace_s,
+            len(self.calls),
+            len(self.prepared),
+        )
+        while (self.calls or len(self.prepared)) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.calls:
+            log.warning("drain grace over: ending %d calls", len(self.calls))
+        await asyncio.gather(
+            *(call.end("server_shutdown") for call in list(self.calls.values())), return_exceptions=True
+        )
 
     async def shutdown(self) -> None:
         self.prepared.discard_all()

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from engine.api import Engine
+from engine.api import Admission, Engine
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.config import GatewayConfig
@@ -84,6 +84,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         """Ready when the engine would admit a call now (a free slot, steps inside the real-time budget);
         503 with the engine's reason otherwise."""
         admission = await engine.admission()
+        if gateway.draining:
+            admission = Admission(False, "draining: this gateway is shutting down")
         body: dict[str, Any] = {
             "status": "ready" if admission.ready else "unready",
             "calls": len(gateway.calls),
@@ -94,6 +96,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
             body["step_ms"] = round(admission.step_s * 1000, 1)
         return JSONResponse(body, status_code=200 if admission.ready else 503)
 
+    app.state.drain = lambda: gateway.drain(config.server.drain_grace_s)
+
     @app.post(VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:
         body = (await request.body()).decode("utf-8", errors="replace")
@@ -101,6 +105,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         if not twilio.verify_webhook(request.url.path, request.url.query, form, request.headers):
             log.warning("voice webhook: bad or missing X-Twilio-Signature from %s; refused", request.client)
             return Response("invalid signature", status_code=403, media_type="text/plain")
+        if gateway.draining:  # Twilio then follows the number's fallback URL, if one is set
+            return Response("draining", status_code=503, media_type="text/plain")
         fields = dict(form)
         call_id = fields.get("CallSid", "")
         if not CALL_SID.fullmatch(call_id):

@@ -26,6 +26,7 @@ MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big i
 TOKEN_PARAMETER = "token"
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
 MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
 
 
 async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
@@ -70,6 +71,10 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         # upgrade covers only the constant stream URL and can be replayed, so with signatures on only the
         # single-use token vouches for a stream, unless the agent takes unprepared streams.
         agent = gateway.config.agent_for(started.called)
+        if gateway.draining:
+            log.warning("call %s: stream without a call token while draining; refused", call_id)
+            await _close(websocket, TRY_AGAIN_LATER)
+            return
         if dialect.authenticates and not agent.allow_unprepared_streams:
             log.warning("call %s: stream without a call token; refused (agent %s)", call_id, agent.name)
             await _close(websocket, POLICY_VIOLATION)
