@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 FRAME_BUDGET_S = FRAME_S  # a step must finish within one frame of audio
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
 STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
-MAX_QUEUED_FRAMES = 25  # 2 s of caller audio waiting for the engine: beyond this the oldest is dropped
+MAX_QUEUED_FRAMES = 25  # 2 s of frames waiting, either way (caller in, agent out): beyond it the oldest go
 STEP_TIMES_KEPT_S = 10.0  # admission looks at the step times of the last 10 s only
 PROBE_INTERVAL_S = 2.0  # a verdict over budget older than this is re-measured before a call is refused
 PROBE_REPEATS = 3  # steps per re-measurement (their median counts)
@@ -187,6 +187,9 @@ class WorkerSession:
 
     def _deliver(self, pcm: np.ndarray, token: int) -> None:
         text = "" if token in SILENT_TEXT_IDS else self._worker.piece(token)
+        if self._outbox.qsize() >= MAX_QUEUED_FRAMES:  # nobody reads this session's frames: keep the newest
+            self._outbox.get_nowait()
+            self._worker.stats.dropped_frames += 1
         self._outbox.put_nowait(AgentFrame(self._frames_out, pcm, text, token))
         self._frames_out += 1
 

@@ -28,7 +28,9 @@ from gateway.ops.webhooks import WebhookEvent, WebhookSender
 
 log = logging.getLogger(__name__)
 
-ROLE_PROMPTS_KEPT = 1024  # the newest calls' role-prompt records (what was rendered, CRM outcome)
+# Role prompts are kept while their call is prepared or live (re-anchoring reads them) and dropped when it
+# ends; this bound only guards against calls that never end cleanly.
+ROLE_PROMPTS_KEPT = 4096
 
 Transfer = Callable[[CallSession, str], Awaitable[None]]  # hand a live call to a number, by its carrier
 
@@ -246,6 +248,13 @@ class Switchboard:
                 hook(notice)
             except Exception:
                 log.exception("call %s: notice hook %r failed", notice.call_id, hook)
+        if notice.kind == NoticeKind.ENDED:  # every listener has seen the end (the recorder its prompt)
+            self.forget(notice.call_id)
+
+    def forget(self, call_id: str) -> None:
+        """Drop what was kept for a call that is over, so nothing here grows with the calls served."""
+        self.escalated.discard(call_id)
+        self.role_prompts.pop(call_id, None)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking calls (`draining`: new voice webhooks and unprepared streams are refused, /readyz

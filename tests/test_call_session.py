@@ -10,6 +10,7 @@ import pytest
 
 from engine.api import FRAME_S, SessionSpec
 from engine.echo import EchoEngine
+from gateway.call import session as session_module
 from gateway.call.events import (
     CallerAudio,
     CallStarted,
@@ -213,7 +214,7 @@ async def test_dtmf_is_recorded_and_reaches_the_notice_hook() -> None:
     call, _ = await open_call(engine, on_notice=notices.append)
     await call.handle(DtmfPressed("5"))
     await call.end("test over")
-    assert call.stats.dtmf == ["5"]
+    assert call.stats.dtmf_presses == 1
     assert [(n.kind, n.detail) for n in notices] == [
         ("started", "stream MZ-test"),
         ("dtmf", "5"),
@@ -238,4 +239,17 @@ async def test_caller_clock_counts_whole_frames() -> None:
     for _ in range(7):  # 140 ms: one whole frame, three chunks pending
         await call.handle(CallerAudio(CHUNK))
     assert call.caller_clock_s == pytest.approx(FRAME_S)
+    await call.end("test over")
+
+
+async def test_the_transcript_keeps_the_newest_words_within_its_bound(monkeypatch) -> None:
+    monkeypatch.setattr(session_module, "MAX_TRANSCRIPT_PIECES", 8)
+    engine = EchoEngine(text_every=1)
+    call, _ = await open_call(engine)
+    await until(lambda: engine.opened == 1)
+    await speak(call, 40)
+    await until(lambda: call.stats.agent_frames == 40)
+    assert 8 <= len(call.transcript) <= 8 + 8 // 8
+    assert call.transcript[-1].text == " echo39"  # the newest kept
+    assert call.stats.transcript_pieces_dropped == 40 - len(call.transcript)
     await call.end("test over")

@@ -13,7 +13,7 @@ from tinymodel import FIXTURE, reference_prompt, tiny_models
 from engine.api import EngineBusy, EngineError, Sampling, SessionClosed, SessionSpec
 from engine.loading import load_text_tokenizer
 from engine.runner import BatchRunner
-from engine.worker import EngineWorker
+from engine.worker import MAX_QUEUED_FRAMES, EngineWorker
 
 SPEC = SessionSpec(voice="voice_tiny", prompt=reference_prompt(), sampling=Sampling(greedy=True))
 
@@ -313,3 +313,17 @@ async def test_every_live_session_is_told_engine_lost_when_the_step_loop_dies(wo
     assert [s.close_reason for s in sessions] == ["engine_lost", "engine_lost"] and worker.active == 0
     replacement = await worker.open(SPEC)  # a new call gets a new loop
     assert len(await talk(replacement, caller_frames(2))) == 2
+
+
+async def test_agent_frames_nobody_reads_are_bounded_and_the_newest_kept(worker):
+    session = await worker.open(SPEC)
+    for batch in range(1, 4):  # 60 frames, pushed 20 at a time (the caller side holds at most 25)
+        for frame in caller_frames(20):
+            session.push(frame)
+        deadline = time.monotonic() + 10
+        while worker.stats.steps < 20 * batch and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    assert session._outbox.qsize() == MAX_QUEUED_FRAMES
+    assert worker.stats.dropped_frames == 60 - MAX_QUEUED_FRAMES
+    first = await asyncio.wait_for(session.frames().__anext__(), 1)
+    assert first.index == 60 - MAX_QUEUED_FRAMES

@@ -109,6 +109,8 @@ async def test_a_call_at_max_duration_is_transferred_through_twilios_api(start_g
     assert kinds.index("max_duration") < kinds.index("escalated") < kinds.index("ended")
     assert [n.detail for n in notices if n.kind == "ended"] == ["transferred_max_duration"]
     assert summary.closed_by == "gateway"
+    # Nothing is kept for a call that is over: the switchboard's memory does not grow with calls served.
+    assert await live.until(lambda: sid not in live.state.escalated and sid not in live.state.role_prompts)
 
 
 async def test_a_dtmf_key_escalates_with_an_announcement_then_a_transfer(start_gateway, engine, twilio_api):

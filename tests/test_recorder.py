@@ -46,18 +46,21 @@ async def stored_record(live: Any, call_id: str, timeout_s: float = 5.0) -> dict
 async def test_a_call_that_ends_normally_leaves_a_full_record(start_gateway, engine, tone_wav) -> None:
     live = start_gateway(engine)
     sessions: list[Any] = []
+    roles: list[Any] = []
 
-    async def watch() -> None:  # keep the CallSession to compare its transcript with the record's
+    async def watch() -> None:  # keep the CallSession and its role prompt to compare with the record
         while not sessions:
             sessions.extend(live.state.calls.values())
             await asyncio.sleep(0.01)
+        roles.extend(live.state.role_prompts.values())
 
     watcher = asyncio.create_task(asyncio.wait_for(watch(), 10.0))
     summary = await simulate_call(None, tone_wav(440, 1.0), webhook=live.webhook, tail_s=0.3)
     await watcher
     record = await stored_record(live, summary.call_sid)
 
-    role = live.state.role_prompts[summary.call_sid]
+    (role,) = roles
+    assert summary.call_sid not in live.state.role_prompts  # dropped once the call was over
     agent = live.state.config.agent_for(record["called"])
     assert record["prompt_sha256"] == hashlib.sha256(role.text.encode()).hexdigest()
     assert (record["agent"], record["voice"]) == (agent.name, agent.voice)

@@ -21,7 +21,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.api import FRAME_S, AgentFrame, EngineSession, SessionClosed
 from gateway.audio import InboundAudio, OutboundAudio
@@ -45,6 +45,7 @@ from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 log = logging.getLogger(__name__)
 
 MAX_AHEAD_S = 0.2
+MAX_TRANSCRIPT_PIECES = 20_000  # the agent's words kept per call: over an hour of speech
 REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored prompt
 SPOKEN_WINDOW_CHARS = 300  # the agent's recent words that phrase triggers look at
 
@@ -69,7 +70,8 @@ class CallStats:
     agent_frames_heard: int = 0  # confirmed played by a mark echo
     agent_frames_discarded: int = 0  # echoed after a clear: never played
     malformed_messages: int = 0  # counted by the transport loop
-    dtmf: list[str] = field(default_factory=list)
+    dtmf_presses: int = 0
+    transcript_pieces_dropped: int = 0  # the oldest words, once the transcript holds MAX_TRANSCRIPT_PIECES
 
 
 class CallSession:
@@ -178,7 +180,7 @@ class CallSession:
         elif self.ended:
             return
         elif isinstance(event, DtmfPressed):
-            self.stats.dtmf.append(event.digit)
+            self.stats.dtmf_presses += 1
             self._notify(NoticeKind.DTMF, event.digit)
         elif isinstance(event, CallStopped):
             await self.end(f"carrier_{event.reason}", notify_carrier=False)
@@ -339,11 +341,19 @@ class CallSession:
         else:
             self._spawn_end("engine_lost")
 
+    def _keep_text(self, piece: TranscriptPiece) -> None:
+        """Keep the newest MAX_TRANSCRIPT_PIECES of the agent's words (trimmed in batches, not per piece)."""
+        self.transcript.append(piece)
+        if len(self.transcript) > MAX_TRANSCRIPT_PIECES + MAX_TRANSCRIPT_PIECES // 8:
+            dropped = len(self.transcript) - MAX_TRANSCRIPT_PIECES
+            del self.transcript[:dropped]
+            self.stats.transcript_pieces_dropped += dropped
+
     async def _on_agent_frame(self, frame: AgentFrame) -> None:
         at_s = self.agent_clock_s
         self.stats.agent_frames += 1
         if frame.text:
-            self.transcript.append(TranscriptPiece(at_s=round(at_s, 3), text=frame.text))
+            self._keep_text(TranscriptPiece(at_s=round(at_s, 3), text=frame.text))
             if self._phrases:
                 self._watch_phrases(frame.text)
         # Encode every frame, sent or not, so the converter's filter state follows the real timeline.

@@ -143,7 +143,7 @@ class CallRecorder:
     def record_unstreamed(self, prepared: Any) -> None:
         """A call the voice webhook announced whose media stream never came (a PreparedCall that expired):
         it still gets a record, so no call goes unaccounted for."""
-        agent, role = prepared.agent, self.gateway.role_prompts.get(prepared.call_id)
+        agent, role = prepared.agent, self.gateway.role_prompts.pop(prepared.call_id, None)
         record = CallRecord(
             call_id=prepared.call_id,
             started_at=prepared.received_at,
@@ -180,7 +180,7 @@ class CallRecorder:
             for name, value in vars(stats).items()
             if isinstance(value, int) and not isinstance(value, bool)
         }
-        counters["dtmf_presses"] = len(stats.dtmf)
+        counters["dtmf_presses"] = stats.dtmf_presses
         return CallRecord(
             call_id=call.call_id,
             started_at=started_at,

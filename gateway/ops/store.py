@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sortedcontainers import SortedList
+
 from gateway.ops.records import CallRecord
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,7 @@ class MemoryStore(CallStore):
         super().__init__(live_ttl_s, records_kept)
         self._live: dict[str, tuple[LiveCall, float]] = {}  # call id -> (call, monotonic deadline)
         self._records: dict[str, CallRecord] = {}
+        self._order = SortedList()  # (started_at, call_id) of every kept record: O(log n) save, list, evict
         self._listeners: dict[str, set[asyncio.Queue[CallCommand]]] = {}
 
     def _deadline(self) -> float:
@@ -256,18 +259,21 @@ class MemoryStore(CallStore):
         return sorted(calls, key=lambda call: (call.started_at, call.call_id))
 
     async def save_record(self, record: CallRecord) -> None:
+        previous = self._records.get(record.call_id)
+        if previous is not None:
+            self._order.remove(_record_order(previous))
         self._records[record.call_id] = record
-        excess = len(self._records) - self.records_kept
-        if excess > 0:
-            for oldest in sorted(self._records.values(), key=_record_order)[:excess]:
-                del self._records[oldest.call_id]
+        self._order.add(_record_order(record))
+        while len(self._order) > self.records_kept:
+            del self._records[self._order.pop(0)[1]]
 
     async def get_record(self, call_id: str) -> CallRecord | None:
         return self._records.get(call_id)
 
     async def list_records(self, limit: int = 50, before: float | None = None) -> list[CallRecord]:
-        records = (r for r in self._records.values() if before is None or r.started_at < before)
-        return sorted(records, key=_record_order, reverse=True)[: page_size(limit)]
+        end = len(self._order) if before is None else self._order.bisect_left((before, ""))
+        keys = self._order[max(0, end - page_size(limit)) : end]
+        return [self._records[call_id] for _, call_id in reversed(keys)]
 
     async def send_command(self, command: CallCommand) -> bool:
         call = self._alive(command.call_id)
