@@ -95,10 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_http_clients()
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def quiet_http_clients() -> None:
+    """httpx logs every request's full URL at INFO, and a webhook or CRM URL may carry a token in its query
+    string: its requests are logged at WARNING and above only."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
 
 
 def _serve(args: argparse.Namespace) -> int:

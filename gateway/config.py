@@ -25,7 +25,7 @@ from gateway.agents.prompts import DEFAULT_MAX_PROMPT_TOKENS, CrmBinding
 from gateway.agents.templates import TEMPLATES_DIR
 from gateway.assets import asset_root
 from gateway.call.escalation import EscalationPolicy
-from gateway.call.incoming import normalise_number
+from gateway.call.incoming import masked_number, normalise_number
 from gateway.call.limits import CallLimits
 from gateway.schema import ConfigProblems, validate
 
@@ -56,6 +56,7 @@ class ServerSection:
     # HTTP request bodies over this are refused (413) before they are read: a voice webhook's form is a
     # few KiB, control API bodies less.
     max_body_bytes: Annotated[int, Gt(0)] = 64 * 1024
+    log_numbers: bool = False  # log callers' numbers in full (else masked: "+1********11")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class TwilioSection:
     # Without the auth token nothing checks who is calling. Serving unsigned traffic beyond this machine
     # needs this switch and `duplexgate serve --confirm-unsigned`.
     allow_unsigned: bool = False
-    auth_token: str | None = None  # resolved from the environment, never read from the file
+    auth_token: str | None = field(default=None, repr=False)  # from the environment, never the file
     account_sid_env: str = "TWILIO_ACCOUNT_SID"  # for call control (transfer); else the stream's accountSid
     account_sid: str | None = None  # resolved from the environment
     api_base: str = "https://api.twilio.com"  # Twilio's REST API (call transfer and hang-up)
@@ -86,7 +87,7 @@ class ControlSection:
 class WebhooksSection:
     url: str = ""  # where call events (call.started/.warning/.escalated/.ended) are POSTed; empty: none
     secret_env: str = "DUPLEXGATE_WEBHOOK_SECRET"  # the signing secret is read from this variable
-    secret: str | None = None  # resolved from the environment, never read from the file
+    secret: str | None = field(default=None, repr=False)  # from the environment, never the file
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class GatewayConfig:
     store: StoreSection = StoreSection()
     control: ControlSection = ControlSection()
     webhooks: WebhooksSection = WebhooksSection()
+
+    def number(self, number: str | None) -> str:
+        """`number` as this config wants it in logs: masked unless [server] log_numbers."""
+        return (number or "-") if self.server.log_numbers else masked_number(number)
 
     def agent_for(self, called: str | None) -> AgentConfig:
         """The agent answering calls to `called`; the default agent for unknown or missing numbers."""

@@ -236,6 +236,8 @@ class Switchboard:
         while len(self.role_prompts) > ROLE_PROMPTS_KEPT:
             self.role_prompts.popitem(last=False)
         crm = role.crm.summary() if role.crm is not None else None
+        if crm is not None:  # the lookup key is usually the caller's number
+            crm["key"] = self.config.number(crm["key"])
         log.info("call %s: role prompt %d tokens (%s); CRM %s", call.call_id, role.tokens, role.template, crm)
         if role.degraded:
             log.warning("call %s: CRM record left out of the prompt: %s", call.call_id, role.degraded)

@@ -11,6 +11,16 @@ KEY_SOURCES = ("caller", "called", "call_id", "fields.<name>", "params.<name>")
 _NUMBER_PUNCTUATION = str.maketrans("", "", " -().")
 
 
+def masked_number(number: str | None) -> str:
+    """A phone number fit for a log line: its first two and last two characters, the rest starred
+    ("+15550001111" -> "+1********11"); logs outlive calls and travel further than call records."""
+    if not number:
+        return "-"
+    if len(number) <= 4:
+        return "*" * len(number)
+    return number[:2] + "*" * (len(number) - 4) + number[-2:]
+
+
 def normalise_number(number: str) -> str:
     """Drop the punctuation people write in numbers, so "+1 (555) 123-0000" matches "+15551230000"."""
     return number.strip().translate(_NUMBER_PUNCTUATION)

@@ -12,6 +12,9 @@ frame playing. Dropped frames still count on the agent clock and their text stil
 
 Caller audio that arrives while the engine session is still being primed is dropped for the same reason:
 the model steps once per caller frame in real time, so a backlog would never be worked off.
+
+Size: the call's two directions (caller frames in, agent frames out with their marks), its limits and its
+escalation watch share the call's clocks and counters; cut apart, each would reach into the others'.
 """
 
 from __future__ import annotations

@@ -131,8 +131,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         log.info(
             "call %s: %s -> %s answered by agent %s",
             call_id,
-            fields.get("From"),
-            fields.get("To"),
+            config.number(fields.get("From")),
+            config.number(fields.get("To")),
             agent.name,
         )
         stream_url = twilio.stream_url(MEDIA_PATH, request_base=str(request.base_url))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -122,6 +123,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
 
 
 async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: str) -> CallStarted | None:
+    warnings = LogThrottle()
     while True:
         raw = await _receive(websocket)
         if raw is None:
@@ -135,9 +137,14 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
         try:
             event = dialect.parse(raw)
         except MalformedMessage as exc:
-            log.warning(
-                "%s stream from %s: dropped malformed message before start: %s", dialect.name, peer, exc
-            )
+            if (skipped := warnings.due()) is not None:
+                log.warning(
+                    "%s stream from %s: dropped malformed message before start: %s%s",
+                    dialect.name,
+                    peer,
+                    exc,
+                    _since(skipped),
+                )
             continue
         if isinstance(event, CallStarted):
             return event
@@ -150,6 +157,7 @@ async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSessi
     call ends ("stream_idle") rather than hold an engine slot."""
     loop = asyncio.get_running_loop()
     audio_due = loop.time() + idle_s
+    warnings = LogThrottle()
     while not call.ended:
         try:
             async with asyncio.timeout_at(audio_due):
@@ -160,21 +168,40 @@ async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSessi
             return
         if raw is None:
             return
-        if len(raw) > MAX_MESSAGE_BYTES:
-            call.stats.malformed_messages += 1
-            log.warning(
-                "call %s: dropped a %d-byte message (limit %d)", call.call_id, len(raw), MAX_MESSAGE_BYTES
-            )
-            continue
         try:
+            if len(raw) > MAX_MESSAGE_BYTES:
+                raise MalformedMessage(f"a {len(raw)}-byte message (limit {MAX_MESSAGE_BYTES})")
             event = dialect.parse(raw)
         except MalformedMessage as exc:
-            call.stats.malformed_messages += 1
-            log.warning("call %s: dropped malformed message: %s", call.call_id, exc)
+            call.stats.malformed_messages += 1  # every one counted in the record; logged at most 1/s
+            if (skipped := warnings.due()) is not None:
+                log.warning("call %s: dropped malformed message: %s%s", call.call_id, exc, _since(skipped))
             continue
         if isinstance(event, CallerAudio):
             audio_due = loop.time() + idle_s
         await call.handle(event)
+
+
+class LogThrottle:
+    """At most one log line per `interval_s` for one stream: a peer sending junk must not flood the log.
+    `due()` says whether to log now and how many lines were held back since the last one."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._next_at = 0.0
+        self._held = 0
+
+    def due(self) -> int | None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._held += 1
+            return None
+        held, self._held, self._next_at = self._held, 0, now + self.interval_s
+        return held
+
+
+def _since(held: int) -> str:
+    return f" ({held} more since the last warning)" if held else ""
 
 
 async def _receive(websocket: WebSocket) -> str | bytes | None:

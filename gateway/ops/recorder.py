@@ -180,7 +180,6 @@ class CallRecorder:
             for name, value in vars(stats).items()
             if isinstance(value, int) and not isinstance(value, bool)
         }
-        counters["dtmf_presses"] = stats.dtmf_presses
         return CallRecord(
             call_id=call.call_id,
             started_at=started_at,
