@@ -23,6 +23,10 @@ class MediaFormat:
     sample_rate: int = 8000
     channels: int = 1
 
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * self.channels * (1 if self.encoding == "mulaw" else 2)
+
 
 # --- inbound: carrier -> call ---------------------------------------------------------------------
 

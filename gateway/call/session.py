@@ -67,6 +67,7 @@ class TranscriptPiece:
 class CallStats:
     caller_frames: int = 0  # 80 ms caller frames framed from the carrier's audio
     caller_frames_dropped: int = 0  # arrived before the engine session was ready
+    caller_audio_dropped_fast: int = 0  # messages of caller audio beyond wall clock (+ jitter): dropped
     agent_frames: int = 0  # produced by the engine
     agent_frames_sent: int = 0
     agent_frames_dropped: int = 0  # carrier already held max_ahead_s

@@ -28,6 +28,8 @@ TOKEN_PARAMETER = "token"
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
 MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
+JITTER_S = 0.5  # caller audio may run this far ahead of the wall clock (network bunching)
+MAX_PACING_PAUSE_S = 0.1  # reading pauses at most this long after audio that came too early
 
 
 async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
@@ -157,8 +159,10 @@ async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSessi
     call ends ("stream_idle") rather than hold an engine slot."""
     loop = asyncio.get_running_loop()
     audio_due = loop.time() + idle_s
-    warnings = LogThrottle()
+    warnings, too_fast = LogThrottle(), LogThrottle()
+    pace = AudioPace(call.started.media_format.bytes_per_second)
     while not call.ended:
+        await asyncio.sleep(0)  # a peer with messages always waiting must not keep the loop to itself
         try:
             async with asyncio.timeout_at(audio_due):
                 raw = await _receive(websocket)
@@ -179,7 +183,43 @@ async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSessi
             continue
         if isinstance(event, CallerAudio):
             audio_due = loop.time() + idle_s
+            ahead_s = pace.ahead_s(len(event.payload), loop.time())
+            if ahead_s > 0:  # dropped before any decoding or resampling
+                call.stats.caller_audio_dropped_fast += 1
+                if (skipped := too_fast.due()) is not None:
+                    log.warning(
+                        "call %s: caller audio faster than real time; dropped%s",
+                        call.call_id,
+                        _since(skipped),
+                    )
+                # Read this socket no faster than real time for a while: its excess waits in its own
+                # buffers instead of costing this process (and every other call) its handling.
+                await asyncio.sleep(min(ahead_s, MAX_PACING_PAUSE_S))
+                continue
         await call.handle(event)
+
+
+class AudioPace:
+    """Caller audio may not arrive faster than the wall clock, plus `jitter_s` a network can bunch up:
+    the model steps once per 80 ms of caller audio, so a peer sending faster would take engine steps,
+    and CPU for decoding, from every other call. Audio beyond the allowance is refused."""
+
+    def __init__(self, bytes_per_second: int, jitter_s: float = JITTER_S) -> None:
+        self.bytes_per_second, self.jitter_s = bytes_per_second, jitter_s
+        self._started: float | None = None
+        self._received_s = 0.0
+
+    def ahead_s(self, payload_bytes: int, now: float) -> float:
+        """0 when this much more audio is within the allowance (and it is counted), else how far ahead of
+        the allowance it would take the stream (and it is not counted: the caller drops it)."""
+        if self._started is None:
+            self._started = now
+        seconds = payload_bytes / self.bytes_per_second
+        ahead = self._received_s + seconds - (now - self._started + self.jitter_s)
+        if ahead > 0:
+            return ahead
+        self._received_s += seconds
+        return 0.0
 
 
 class LogThrottle:

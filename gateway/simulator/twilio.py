@@ -85,6 +85,7 @@ class SimCallSummary:
     def brief(self) -> dict[str, Any]:
         """The summary without the recording and logs, for printing."""
         lat = np.asarray(self.frame_latencies_ms)
+        gaps = self.agent_gaps_s
         return {
             "call_sid": self.call_sid,
             "handshake_status": self.handshake_status,
@@ -101,10 +102,17 @@ class SimCallSummary:
             else round(self.first_audio_latency_s * 1000, 1),
             "frame_latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
             "frame_latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+            "agent_gap_p99_ms": None if gaps.size == 0 else round(float(np.percentile(gaps, 99)) * 1000, 1),
+            "agent_gap_max_ms": None if gaps.size == 0 else round(float(gaps.max()) * 1000, 1),
             "closed_by": self.closed_by,
             "close_code": self.close_code,
             "close_reason": self.close_reason,
         }
+
+    @property
+    def agent_gaps_s(self) -> np.ndarray:
+        """Seconds between consecutive agent audio messages as they arrived: how steady the agent sounds."""
+        return np.diff([t for t, event in self.outbound_log if event == "media"])
 
     @property
     def ended_early(self) -> bool:
