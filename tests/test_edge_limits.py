@@ -86,3 +86,9 @@ async def test_an_escalation_reason_longer_than_the_cap_is_refused(start_gateway
             f"{live.base_url}/v1/calls/CA{'1' * 32}/escalate", json={"reason": "r" * 501}
         )
     assert response.status_code == 422
+
+
+async def test_the_carrier_listener_publishes_no_api_documentation(echo_gateway) -> None:
+    async with httpx.AsyncClient() as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(echo_gateway.base_url + path)).status_code == 404, path

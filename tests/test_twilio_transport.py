@@ -289,3 +289,17 @@ def test_a_start_whose_sids_are_not_twilios_shapes_is_malformed(
 ) -> None:
     with pytest.raises(MalformedMessage, match=named):
         twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=STREAM_SID))
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        {"callSid": CALL_SID, "streamSid": STREAM_SID, "mediaFormat": {"encoding": ["audio/x-mulaw"]}},
+        {"callSid": CALL_SID, "streamSid": STREAM_SID, "mediaFormat": {"encoding": {"a": 1}}},
+    ],
+)
+def test_a_start_with_an_unhashable_encoding_is_malformed_not_a_crash(
+    twilio: TwilioDialect, start: dict
+) -> None:
+    with pytest.raises(MalformedMessage):
+        twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=STREAM_SID))

@@ -68,7 +68,8 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         if gateway.webhooks is not None:
             await gateway.webhooks.aclose()  # bounded: delivers what it can of the last events
 
-    app = FastAPI(title="duplexgate", lifespan=lifespan)
+    # No /docs or /openapi.json: this listener faces the carriers, and a map of the API helps nobody there.
+    app = FastAPI(title="duplexgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=config.server.max_body_bytes)
     app.state.gateway = gateway
     app.state.control = control

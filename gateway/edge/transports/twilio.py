@@ -64,6 +64,16 @@ class TwilioDialect(CarrierDialect):
     # --- inbound ------------------------------------------------------------------------------------
 
     def parse(self, message: str | bytes) -> CallEvent:
+        try:
+            return self._parse(message)
+        except MalformedMessage:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape no check above foresaw:
+            raise MalformedMessage(
+                f"unreadable message ({type(exc).__name__}: {exc})"
+            ) from None  # still junk
+
+    def _parse(self, message: str | bytes) -> CallEvent:
         if not isinstance(message, str):
             raise MalformedMessage("binary frame (Twilio media streams are JSON text only)")
         try:
@@ -303,7 +313,7 @@ def _parse_start(data: dict[str, Any]) -> CallStarted:
     if not isinstance(fmt, dict):
         raise MalformedMessage("start.mediaFormat is not an object")
     encoding = fmt.get("encoding", "audio/x-mulaw")
-    if encoding not in _ENCODINGS:
+    if not isinstance(encoding, str) or encoding not in _ENCODINGS:
         raise MalformedMessage(f"start.mediaFormat.encoding {encoding!r} is not audio/x-mulaw")
     rate, channels = fmt.get("sampleRate", 8000), fmt.get("channels", 1)
     if not isinstance(rate, int) or not isinstance(channels, int) or rate <= 0 or channels != 1:
