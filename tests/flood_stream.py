@@ -20,15 +20,16 @@ CALL_SID = "CA" + "f" * 32
 STREAM_SID = "MZ" + "f" * 32
 
 
-def start_message() -> str:
+def start_message(call_sid: str = CALL_SID, stream_sid: str = STREAM_SID) -> str:
+    """A Twilio `start` for a tokenless mu-law stream."""
     start = {
-        "callSid": CALL_SID,
-        "streamSid": STREAM_SID,
+        "callSid": call_sid,
+        "streamSid": stream_sid,
         "accountSid": "AC" + "0" * 32,
         "customParameters": {},
         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
     }
-    return json.dumps({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": STREAM_SID})
+    return json.dumps({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": stream_sid})
 
 
 async def flood(url: str, seconds: float, times_real_time: float, chunk_ms: int = 20) -> int:

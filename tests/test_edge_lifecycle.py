@@ -10,6 +10,7 @@ import time
 
 import pytest
 from callaudio import speech_like
+from flood_stream import start_message as twilio_start
 from test_recorder import API_KEY, stored_record
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -22,14 +23,7 @@ STREAM = "MZ" + "d" * 32
 
 
 def start_message() -> str:
-    start = {
-        "callSid": SID,
-        "streamSid": STREAM,
-        "accountSid": "AC" + "0" * 32,
-        "customParameters": {},
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-    }
-    return json.dumps({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": STREAM})
+    return twilio_start(SID, STREAM)
 
 
 def media_message(n: int) -> str:
