@@ -28,8 +28,9 @@ TOKEN_PARAMETER = "token"
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
 MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
-JITTER_S = 0.5  # caller audio may run this far ahead of the wall clock (network bunching)
+JITTER_S = 1.0  # caller audio may run this far ahead of the wall clock (network bunching, a lagging carrier)
 MAX_PACING_PAUSE_S = 0.1  # reading pauses at most this long after audio that came too early
+YIELD_EVERY = 16  # messages handled between forced yields to the event loop
 
 
 async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
@@ -154,49 +155,71 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
 
 
 async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession, idle_s: float) -> None:
-    """Carrier messages to the call until either side ends it. A carrier streams caller audio without
-    pause, silence included: a stream with no audio for `idle_s` of wall clock is dead or hostile, and its
-    call ends ("stream_idle") rather than hold an engine slot."""
-    loop = asyncio.get_running_loop()
-    audio_due = loop.time() + idle_s
-    warnings, too_fast = LogThrottle(), LogThrottle()
-    pace = AudioPace(call.started.media_format.bytes_per_second)
-    while not call.ended:
-        await asyncio.sleep(0)  # a peer with messages always waiting must not keep the loop to itself
-        try:
-            async with asyncio.timeout_at(audio_due):
-                raw = await _receive(websocket)
-        except TimeoutError:
-            log.warning("call %s: no caller audio for %.0f s; ending the call", call.call_id, idle_s)
-            await call.end("stream_idle")
-            return
-        if raw is None:
-            return
-        try:
-            if len(raw) > MAX_MESSAGE_BYTES:
-                raise MalformedMessage(f"a {len(raw)}-byte message (limit {MAX_MESSAGE_BYTES})")
-            event = dialect.parse(raw)
-        except MalformedMessage as exc:
-            call.stats.malformed_messages += 1  # every one counted in the record; logged at most 1/s
-            if (skipped := warnings.due()) is not None:
-                log.warning("call %s: dropped malformed message: %s%s", call.call_id, exc, _since(skipped))
-            continue
-        if isinstance(event, CallerAudio):
-            audio_due = loop.time() + idle_s
-            ahead_s = pace.ahead_s(len(event.payload), loop.time())
-            if ahead_s > 0:  # dropped before any decoding or resampling
-                call.stats.caller_audio_dropped_fast += 1
-                if (skipped := too_fast.due()) is not None:
+    await _Bridge(websocket, dialect, call).run(idle_s)
+
+
+class _Bridge:
+    """Carrier messages to one call until either side ends it."""
+
+    def __init__(self, websocket: WebSocket, dialect: CarrierDialect, call: CallSession) -> None:
+        self.websocket, self.dialect, self.call = websocket, dialect, call
+        self.loop = asyncio.get_running_loop()
+        self.last_audio = self.loop.time()
+        self.pace = AudioPace(call.started.media_format.bytes_per_second)
+        self.junk_warnings, self.pace_warnings = LogThrottle(), LogThrottle()
+
+    async def run(self, idle_s: float) -> None:
+        """A carrier streams caller audio without pause, silence included: a stream with no audio for
+        `idle_s` of wall clock is dead or hostile, and its call ends ("stream_idle") rather than hold an
+        engine slot. One timer serves many messages: it fires at most once per `idle_s` on a live stream."""
+        while not self.call.ended:
+            try:
+                async with asyncio.timeout_at(self.last_audio + idle_s):
+                    await self.carry()
+                return  # the peer went, or the call ended
+            except TimeoutError:
+                if self.loop.time() < self.last_audio + idle_s:
+                    continue  # audio came since the timer was set
+                log.warning("call %s: no caller audio for %.0f s; ending the call", self.call.call_id, idle_s)
+                await self.call.end("stream_idle")
+                return
+
+    async def carry(self) -> None:
+        call, handled = self.call, 0
+        while not call.ended:
+            raw = await _receive(self.websocket)
+            if raw is None:
+                return
+            handled += 1
+            if handled % YIELD_EVERY == 0:  # queued messages come back without a pause: let others run
+                await asyncio.sleep(0)
+            try:
+                if len(raw) > MAX_MESSAGE_BYTES:
+                    raise MalformedMessage(f"a {len(raw)}-byte message (limit {MAX_MESSAGE_BYTES})")
+                event = self.dialect.parse(raw)
+            except MalformedMessage as exc:
+                call.stats.malformed_messages += 1  # every one counted in the record; logged at most 1/s
+                if (skipped := self.junk_warnings.due()) is not None:
                     log.warning(
-                        "call %s: caller audio faster than real time; dropped%s",
-                        call.call_id,
-                        _since(skipped),
+                        "call %s: dropped malformed message: %s%s", call.call_id, exc, _since(skipped)
                     )
-                # Read this socket no faster than real time for a while: its excess waits in its own
-                # buffers instead of costing this process (and every other call) its handling.
-                await asyncio.sleep(min(ahead_s, MAX_PACING_PAUSE_S))
                 continue
-        await call.handle(event)
+            if isinstance(event, CallerAudio):
+                self.last_audio = self.loop.time()
+                ahead_s = self.pace.ahead_s(len(event.payload), self.last_audio)
+                if ahead_s > 0:  # dropped before any decoding or resampling
+                    call.stats.caller_audio_dropped_fast += 1
+                    if (skipped := self.pace_warnings.due()) is not None:
+                        log.warning(
+                            "call %s: caller audio faster than real time; dropped%s",
+                            call.call_id,
+                            _since(skipped),
+                        )
+                    # Read this socket no faster than real time for a while: its excess waits in its
+                    # own buffers instead of costing this process (and every other call) its handling.
+                    await asyncio.sleep(min(ahead_s, MAX_PACING_PAUSE_S))
+                    continue
+            await call.handle(event)
 
 
 class AudioPace:
