@@ -216,7 +216,6 @@ async def test_upgrade_is_signed_over_the_stream_url() -> None:
 
 
 def test_cli_call_writes_what_the_caller_heard(echo_gateway, tone_wav, tmp_path, capsys) -> None:
-    # The echo engine answers each frame at once, so the count of replies before the stop is exact.
     out = tmp_path / "heard.wav"
     rc = main(
         [
@@ -233,7 +232,11 @@ def test_cli_call_writes_what_the_caller_heard(echo_gateway, tone_wav, tmp_path,
     )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["violations"] == 0 and report["media_received"] == 10
+    # At most one reply per whole 80 ms frame sent (10); frames that arrive while the session is still
+    # priming (the example agent's CRM lookup included) are dropped by design, so a loaded machine may
+    # answer fewer. Each reply is one whole frame of audio.
+    assert report["violations"] == 0 and 1 <= report["media_received"] <= 10
+    assert report["audio_received_s"] == pytest.approx(0.08 * report["media_received"])
     with wave.open(str(out), "rb") as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
         assert wav.getnframes() == pytest.approx(0.84 * 24000, abs=48)
