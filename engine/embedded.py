@@ -48,6 +48,19 @@ def home_dir() -> Path:
     return Path(os.environ.get("DUPLEXGATE_HOME", Path.home() / ".cache" / "duplexgate"))
 
 
+def checkpoint_source(checkpoint: str) -> Path | str:
+    """What `[engine] checkpoint` names: a local directory (a Path) or a hub repo id (a str)."""
+    local = Path(checkpoint).expanduser()
+    if local.is_dir():
+        return local
+    if "/" in checkpoint and not checkpoint.startswith((".", "/", "~")):
+        return checkpoint
+    raise CheckpointError(
+        f"[engine] checkpoint = '{checkpoint}' is neither a directory nor a hub repo id "
+        f"like {DEFAULT_HF_REPO}"
+    )
+
+
 def demo_checkpoint() -> Path:
     """The random demo checkpoint served when none is configured, written once under the home directory."""
     directory = home_dir() / "random-tiny"
@@ -68,16 +81,11 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
         use_cpu_threads(settings.cpu_threads)
     notice = None
     if settings.checkpoint:
-        source = settings.checkpoint
-        if Path(source).expanduser().is_dir():
-            files = resolve_checkpoint(Path(source).expanduser())
-        elif "/" in source and not source.startswith((".", "/", "~")):
-            files = resolve_checkpoint(None, hf_repo=source)
+        source = checkpoint_source(settings.checkpoint)
+        if isinstance(source, Path):
+            files = resolve_checkpoint(source)
         else:
-            raise CheckpointError(
-                f"[engine] checkpoint = '{source}' is neither a directory nor a hub repo id "
-                f"like {DEFAULT_HF_REPO}"
-            )
+            files = resolve_checkpoint(None, hf_repo=source)
     else:
         files = resolve_checkpoint(demo_checkpoint())
         notice = NOISE_NOTICE
@@ -157,15 +165,9 @@ def prompt_token_counter(checkpoint: str) -> Callable[[str], int]:
 
 
 def _tokenizer_path(checkpoint: str) -> Path:
-    if not checkpoint:
-        return demo_checkpoint() / TEXT_TOKENIZER_FILE
-    local = Path(checkpoint).expanduser()
-    if local.is_dir():
-        return local / TEXT_TOKENIZER_FILE
-    if "/" not in checkpoint or checkpoint.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"[engine] checkpoint = '{checkpoint}' is neither a directory nor a hub repo id"
-        )
+    source = checkpoint_source(checkpoint) if checkpoint else demo_checkpoint()
+    if isinstance(source, Path):
+        return source / TEXT_TOKENIZER_FILE
     from huggingface_hub import hf_hub_download
 
     try:

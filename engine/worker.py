@@ -79,13 +79,13 @@ class WorkerStats:
     # size -> (time taken, seconds), newest last
     by_size: dict[int, collections.deque[tuple[float, float]]] = field(default_factory=dict, repr=False)
 
-    def record(self, seconds: float, size: int, at: float | None = None) -> None:
+    def record(self, seconds: float, size: int) -> None:
         """A live step of `size` that took `seconds`."""
         self.steps += 1
         self.last_step_s = seconds
         self.window.append(seconds)
         self.recent_step_s = _p90(self.window)
-        self._add(size, seconds, time.monotonic() if at is None else at)
+        self._add(size, seconds, time.monotonic())
 
     def remeasured(self, size: int, seconds: list[float], at: float | None = None) -> None:
         """Fresh timings of `size` replace what was known of it."""

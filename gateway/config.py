@@ -186,8 +186,8 @@ class _Problems:
         """`kind` from `table`, or `default` (after noting what is wrong) when it cannot be built."""
         try:
             return validate(kind, table, f"{self.source}: {section}")
-        except (ConfigProblems, CrmConfigError) as exc:
-            self.found += str(exc).splitlines()
+        except ConfigProblems as exc:
+            self.found += exc.problems
             return default
 
 

@@ -33,10 +33,7 @@ def validate(kind: type[T], table: Any, where: str, *, strict: bool = True) -> T
     is converted to numbers (values that came as text, such as a call's parameters)."""
     if not isinstance(table, Mapping):
         raise ConfigProblems([f"{where} must be a table, got {type(table).__name__}"])
-    try:
-        document = json.dumps({"value": dict(table)})
-    except (TypeError, ValueError):  # TOML dates and times: no setting takes one
-        document = json.dumps({"value": dict(table)}, default=str)
+    document = json.dumps({"value": dict(table)}, default=str)  # TOML dates and times: no setting takes one
     try:
         return _wrapper(kind).model_validate_json(document, strict=strict).value
     except ValidationError as exc:
@@ -82,16 +79,14 @@ def _line(where: str, kind: type, error: Any) -> str:
     if location[-1:] == ["[key]"]:  # a table's key that is not one of its allowed names
         expected = error["msg"].removeprefix("Input should be ")
         return f"{_section(where, location[:-2])} key {error.get('input')!r} should be {expected}"
-    # Values inside a list or table are named by the setting they belong to.
-    tables, key = _setting(location)
     if kind_of == "value_error":  # a dataclass's own check across its settings; its message names them
         return f"{_section(where, location)} {error['msg'].removeprefix('Value error, ')}"
+    # Values inside a list or table are named by the setting they belong to.
+    tables, key = _setting(location)
     value = error.get("input")
     if _EXPECTED.get(kind_of) == "a table":
         return f"{_section(where, [*tables, key])} must be a table, got {type(value).__name__}"
-    expected = _EXPECTED.get(kind_of) or error["msg"].removeprefix("Input should be ").removeprefix(
-        "Value error, "
-    )
+    expected = _EXPECTED.get(kind_of) or error["msg"].removeprefix("Input should be ")
     shown = f" = {value!r}" if value is not None and not isinstance(value, dict) else ""
     return f"{_section(where, tables)} {key}{shown} should be {expected}"
 

@@ -150,7 +150,6 @@ class RingSelfAttention(nn.Module):
         ring: KVRing,
         layer: int,
         index: torch.Tensor,
-        positions: torch.Tensor,
         mask: torch.Tensor,
         rope: Rope,
         active: torch.Tensor | None,

@@ -93,7 +93,6 @@ class LMModel(nn.Module):
                 ring=kv,
                 layer=layer_id,
                 index=index,
-                positions=positions,
                 mask=mask,
                 rope=rope,
                 active=active,

@@ -84,9 +84,10 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     async def readyz() -> JSONResponse:
         """Ready when the engine would admit a call now (a free slot, steps inside the real-time budget);
         503 with the engine's reason otherwise."""
-        admission = await engine.admission()
-        if gateway.draining:
+        if gateway.draining:  # no engine measurement for a gateway that takes no calls
             admission = Admission(False, "draining: this gateway is shutting down")
+        else:
+            admission = await engine.admission()
         body: dict[str, Any] = {
             "status": "ready" if admission.ready else "unready",
             "calls": len(gateway.calls),
