@@ -57,6 +57,9 @@ class ServerSection:
     # few KiB, control API bodies less.
     max_body_bytes: Annotated[int, Gt(0)] = 64 * 1024
     log_numbers: bool = False  # log callers' numbers in full (else masked: "+1********11")
+    # An address that fails this many signature or API-key checks in a minute gets 429 until the minute is
+    # out, its credentials unchecked.
+    auth_failures_per_minute: Annotated[int, Gt(0)] = 20
 
 
 @dataclass(frozen=True)

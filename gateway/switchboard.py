@@ -11,18 +11,19 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.api import Engine, EngineSession, SessionSpec
-from gateway.agents.prompts import RolePrompt, prepare_role_prompt
+from gateway.agents.prompts import RolePrompt, prepare_role_prompt, reanchor_prompt
 from gateway.agents.templates import PromptError, PromptRenderer
 from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
 from gateway.call.incoming import IncomingCall
 from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 from gateway.call.session import CallSession
 from gateway.config import AgentConfig, GatewayConfig
+from gateway.ops.auth_throttle import AuthThrottle
 from gateway.ops.records import CallRecord
 from gateway.ops.webhooks import WebhookEvent, WebhookSender
 
@@ -133,6 +134,7 @@ class Switchboard:
         self.renderer = PromptRenderer(config.templates_dir)
         self.role_prompts: OrderedDict[str, RolePrompt] = OrderedDict()  # call id -> its prompt's record
         self.escalated: set[str] = set()  # calls that have escalated (once per call)
+        self.auth_throttle = AuthThrottle(config.server.auth_failures_per_minute)  # carrier and control API
         self._tasks: set[asyncio.Task[None]] = set()
         self.escalation_actions = EscalationActions(
             transfer=self._transfer, webhook=self._escalation_webhook, notify=self._escalation_notice
@@ -216,9 +218,11 @@ class Switchboard:
         """Record hook: the call.ended event carries the whole call record."""
         self.publish("call.ended", record.call_id, {"record": record.to_dict()})
 
-    def role_prompt_text(self, call_id: str) -> str:
+    def reanchor_prompt(self, call_id: str, agent: AgentConfig, said: Sequence[str]) -> str:
+        """The call's role prompt plus the agent's recent words, sanitised and held to the agent's budget."""
         role = self.role_prompts.get(call_id)
-        return role.text if role is not None else ""
+        text = role.text if role is not None else ""
+        return reanchor_prompt(text, said, self.engine.count_prompt_tokens, agent.max_prompt_tokens)
 
     def open_engine_session(self, agent: AgentConfig, call: IncomingCall) -> asyncio.Task[EngineSession]:
         return asyncio.create_task(self._prime(agent, call), name=f"open:{call.call_id}")

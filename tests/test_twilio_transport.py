@@ -238,6 +238,21 @@ def test_webhook_signature_covers_form_fields() -> None:
     assert not twilio.verify_webhook("/twilio/voice", "", tampered, {"x-twilio-signature": signature})
 
 
+def test_repeated_form_names_are_signed_like_twilios_validator() -> None:
+    # twilio-python's RequestValidator (2024+) signs every value of a repeated name, values sorted, none
+    # dropped: a repeated pair counts twice, and a pair added to a signed form breaks the signature.
+    import hashlib
+    import hmac
+
+    form = [("To", "+15550002222"), ("Tag", "b"), ("Tag", "a"), ("Tag", "b")]
+    signed = "https://gw.example.com/twilio/voice" + "Taga" + "Tagb" + "Tagb" + "To+15550002222"
+    expected = base64.b64encode(hmac.new(TOKEN.encode(), signed.encode(), hashlib.sha1).digest()).decode()
+    assert compute_signature(TOKEN, "https://gw.example.com/twilio/voice", form) == expected
+    twilio = TwilioDialect(TOKEN, PUBLIC)
+    assert twilio.verify_webhook("/twilio/voice", "", form, {"x-twilio-signature": expected})
+    assert not twilio.verify_webhook("/twilio/voice", "", form[:-1], {"x-twilio-signature": expected})
+
+
 def test_url_variants_cover_port_and_trailing_slash() -> None:
     assert set(signed_url_variants("wss://gw.example.com/twilio/media")) == {
         "wss://gw.example.com/twilio/media",

@@ -5,7 +5,7 @@ looked up within its deadline, held to the agent's token budget, and checked per
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Annotated, Any, Protocol
@@ -14,12 +14,14 @@ from annotated_types import Gt
 
 from crm_adapters.base import CrmAdapter, CrmResult
 from engine.api import CONTEXT_STEPS
+from engine.loading import SYSTEM_TAG
 from gateway.agents.templates import (
     PromptError,
     PromptRenderer,
     one_line,
     prompt_context,
     sample_call,
+    sanitise_text,
 )
 from gateway.call.incoming import IncomingCall
 
@@ -125,6 +127,11 @@ def render_role_prompt(
     (it should not: both are checked with sample data), the prompt is rendered without it and says why."""
     if not agent.template:
         text = one_line(agent.prompt)
+        if SYSTEM_TAG in text.lower():
+            raise PromptError(
+                f"agent '{agent.name}': the inline prompt contains {SYSTEM_TAG}; the engine adds the wrapper "
+                "itself, remove the tag from the prompt"
+            )
         tokens = count_tokens(text)
         check_budget(agent.name, text, tokens, agent.max_prompt_tokens)
         return RolePrompt(text, tokens, None, crm)
@@ -184,6 +191,31 @@ def check_agent(
         except PromptError as exc:
             problems.append(f"agent '{agent.name}' with {label}: {exc}")
     return problems
+
+
+REANCHOR_LEAD = "Earlier in this call you said:"
+REANCHOR_MAX_CHARS = 4000  # the agent's recent words before the token budget trims them further
+
+
+def reanchor_prompt(role: str, said: Sequence[str], count_tokens: TokenCounter, maximum: int) -> str:
+    """The prompt a long call is re-primed with: its role prompt plus as many of the agent's most recent words
+    as the agent's token budget leaves room for. The words are the model's own output, so they are sanitised
+    like any field a prompt takes in (no `<system>` wrapper, no control characters) before they are used."""
+    recent = " ".join(said)
+    if len(recent) > REANCHOR_MAX_CHARS:  # the newest words, starting at a word boundary
+        recent = recent[-REANCHOR_MAX_CHARS:].split(" ", 1)[-1]
+    words = sanitise_text(recent, REANCHOR_MAX_CHARS).split()
+
+    def with_words(n: int) -> str:
+        return f"{role} {REANCHOR_LEAD} {' '.join(words[-n:])}".strip() if n else role
+
+    if count_tokens(with_words(len(words))) <= maximum:
+        return with_words(len(words))
+    low, high = 0, len(words)  # the most recent `low` words fit; `high` do not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count_tokens(with_words(mid)) <= maximum else (low, mid)
+    return with_words(low)
 
 
 # ----------------------------------------------------------------------------------------------------

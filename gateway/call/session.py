@@ -90,7 +90,7 @@ class CallSession:
         max_ahead_s: float = MAX_AHEAD_S,
         on_notice: NoticeHook | None = None,
         limits: CallLimits | None = None,
-        role_prompt: Callable[[], str] | None = None,
+        reanchor_prompt: Callable[[Sequence[str]], str] | None = None,
         agent: str = "",
         phrases: Sequence[re.Pattern[str]] = (),
         escalates: frozenset[str] = frozenset(),
@@ -114,7 +114,7 @@ class CallSession:
         self._cleared: set[str] = set()  # marks pending when we sent a clear: their echo means discarded
         self._ended = asyncio.Event()
         self._guard = LimitGuard(limits) if limits is not None else None
-        self._role_prompt = role_prompt  # for re-anchoring a long call on its prompt
+        self._reanchor_prompt = reanchor_prompt  # the agent's recent words -> the prompt to re-prime with
         self.agent = agent
         self._phrases = list(phrases)  # patterns in the agent's own words that trigger an escalation
         self._escalates = escalates  # triggers escalation takes over from their default course
@@ -282,10 +282,8 @@ class CallSession:
     async def _reanchor(self) -> None:
         """Prime a fresh window with the role prompt plus the agent's recent words, so the call keeps its
         role past the model's 240 s window."""
-        prompt = self._role_prompt() if self._role_prompt is not None else ""
-        said = " ".join(piece.text.strip() for piece in self.transcript[-REANCHOR_PIECES:]).strip()
-        if said:
-            prompt = f"{prompt} Earlier in this call you said: {said}".strip()
+        said = [piece.text for piece in self.transcript[-REANCHOR_PIECES:]]
+        prompt = self._reanchor_prompt(said) if self._reanchor_prompt is not None else ""
         if not prompt or self._engine is None or not hasattr(self._engine, "reprime"):
             return
         await self._engine.reprime(prompt)

@@ -102,10 +102,14 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
 
     @app.post(VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:
+        address = request.client.host if request.client else "?"
+        if wait_s := gateway.auth_throttle.blocked(address):
+            return too_many_failures(wait_s)
         body = (await request.body()).decode("utf-8", errors="replace")
         form = parse_qsl(body, keep_blank_values=True)  # exact values: signatures cover them byte for byte
         if not twilio.verify_webhook(request.url.path, request.url.query, form, request.headers):
-            log.warning("voice webhook: bad or missing X-Twilio-Signature from %s; refused", request.client)
+            log.warning("voice webhook: bad or missing X-Twilio-Signature from %s; refused", address)
+            gateway.auth_throttle.failed(address)
             return Response("invalid signature", status_code=403, media_type="text/plain")
         if gateway.draining:  # Twilio then follows the number's fallback URL, if one is set
             return Response("draining", status_code=503, media_type="text/plain")
@@ -153,3 +157,12 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
         await websocket.send_denial_response(PlainTextResponse(text[:200], status_code=404))
 
     return app
+
+
+def too_many_failures(wait_s: float) -> Response:
+    """The answer to an address over its failed-authentication allowance."""
+    return PlainTextResponse(
+        "too many failed authentications; try later",
+        status_code=429,
+        headers={"Retry-After": str(max(1, round(wait_s)))},
+    )

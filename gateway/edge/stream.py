@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import WebSocket
+from fastapi.responses import PlainTextResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from gateway.call.events import CallerAudio, CallStarted, EndStream, MalformedMessage, OutboundCommand
@@ -36,8 +37,14 @@ YIELD_EVERY = 16  # messages handled between forced yields to the event loop
 async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
     """One carrier media stream from upgrade to close; works for any dialect that reports CallStarted."""
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
+    address = websocket.client.host if websocket.client else "?"
+    if wait_s := gateway.auth_throttle.blocked(address):
+        retry = {"Retry-After": str(max(1, round(wait_s)))}
+        await websocket.send_denial_response(PlainTextResponse("too many failed authentications", 429, retry))
+        return
     if not dialect.verify_upgrade(websocket.url.path, websocket.headers):
         log.warning("%s stream from %s: bad or missing signature; refused before accept", dialect.name, peer)
+        gateway.auth_throttle.failed(address)
         await websocket.close(code=POLICY_VIOLATION)  # before accept: the server answers HTTP 403
         return
     await websocket.accept()
@@ -109,7 +116,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         max_ahead_s=gateway.config.server.carrier_buffer_s,
         on_notice=gateway.notice,
         limits=limits,
-        role_prompt=lambda: gateway.role_prompt_text(call_id),
+        reanchor_prompt=lambda said: gateway.reanchor_prompt(call_id, agent, said),
         agent=agent.name,
         phrases=agent.escalation.compiled_phrases(),
         escalates=agent.escalation.handles,

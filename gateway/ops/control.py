@@ -154,10 +154,17 @@ class ControlPlane:
         env = self.gateway.config.control.api_key_env
         if self.api_key is None:
             raise HTTPException(503, f"control API disabled: set {env} (see [control] in the config)")
+        address = request.client.host if request.client else "?"
+        throttle = self.gateway.auth_throttle
+        if wait_s := throttle.blocked(address):
+            raise HTTPException(
+                429, "too many failed authentications; try later", {"Retry-After": str(max(1, round(wait_s)))}
+            )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), self.api_key.encode()
         ):
+            throttle.failed(address)
             raise HTTPException(
                 401, f"send Authorization: Bearer <the key in {env}>", headers={"WWW-Authenticate": "Bearer"}
             )
