@@ -99,7 +99,7 @@ def _callers(url: str, count: int, seconds: float, stagger_s: float, offset: int
     import warnings
 
     warnings.simplefilter("ignore", DeprecationWarning)
-    from gateway.simulator.twilio import simulate_call
+    from gateway.simulator.call import simulate_call
 
     rng = np.random.default_rng(offset)
     audio = (rng.standard_normal(int(seconds * 8000)) * 800).astype(np.int16)  # quiet noise

@@ -1,6 +1,6 @@
 """The `duplexgate` command: `serve` runs the gateway with the embedded engine, `call` places a simulated
-Twilio call against a running gateway, `prompt render` and `config check` show and check role prompts; the
-engine adds its own subcommands when `engine.cli` exists.
+call (as any carrier) against a running gateway, `prompt render` and `config check` show and check role
+prompts; the engine adds its own subcommands when `engine.cli` exists.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -43,21 +42,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--confirm-unsigned",
         action="store_true",
-        help="with [twilio] allow_unsigned = true: serve unsigned traffic on a non-loopback address",
+        help="with [<carrier>] allow_unsigned = true: serve unsigned traffic on a non-loopback address",
     )
     serve.set_defaults(run=_serve)
 
-    call = commands.add_parser("call", help="place a simulated Twilio call against a running gateway")
+    call = commands.add_parser("call", help="place a simulated carrier call against a running gateway")
+    call.add_argument(
+        "--carrier", default="twilio", help="the carrier whose protocol to speak (default twilio)"
+    )
     call.add_argument("--url", help="media-stream WebSocket, e.g. ws://127.0.0.1:8080/twilio/media")
     call.add_argument("--input", required=True, help="caller audio: 16-bit PCM wav at any rate")
     call.add_argument("--output", required=True, help="where to write what the caller heard (wav)")
     call.add_argument("--output-rate", type=int, choices=(8000, 24000), default=24000)
     call.add_argument(
-        "--webhook", help="voice webhook to fetch TwiML from first, e.g. http://HOST:PORT/twilio/voice"
+        "--webhook", help="voice webhook to answer the call first, e.g. http://HOST:PORT/twilio/voice"
     )
     call.add_argument("--from", dest="caller", default="+15550001111", help="caller number (From)")
     call.add_argument("--to", dest="called", default="+15550002222", help="called number (To)")
-    call.add_argument("--auth-token", help="sign the webhook and the upgrade with this Twilio auth token")
+    call.add_argument(
+        "--auth-token", help="the carrier's secret: sign the webhook and the upgrade as that carrier does"
+    )
     call.add_argument(
         "--dtmf", nargs="*", default=[], metavar="DIGIT@SECONDS", help="key presses, e.g. 1@2.5s"
     )
@@ -164,121 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
-    """Place one simulated call; exit 0 only when the call ran its whole input, 1 when the gateway refused
-    or ended it early (with the gateway's words), 2 for bad arguments. Every failure is one line."""
-    try:
-        caller_audio, dtmf = _call_inputs(args)
-        summary = asyncio.run(_place_call(args, caller_audio, dtmf))
-        if summary.handshake_status == 101:
-            write_wav_output(args.output, summary.heard, args.output_rate)
-    except CallFailed as exc:
-        print(f"duplexgate call: {exc}", file=sys.stderr)
-        return exc.status
-    print(json.dumps(summary.brief(), indent=2))
-    for problem in summary.violations[:20]:
-        print(f"violation: {problem}", file=sys.stderr)
-    where = args.url or "the stream URL in the TwiML"
-    if summary.handshake_status == 404:
-        print(f"duplexgate call: no media stream at {where} (HTTP 404): check its path", file=sys.stderr)
-        return 1
-    if summary.handshake_status != 101:
-        print(
-            f"duplexgate call: the gateway refused the stream at {where} (HTTP {summary.handshake_status}): "
-            "a missing or bad signature (--auth-token) or call token",
-            file=sys.stderr,
-        )
-        return 1
-    if summary.ended_early:
-        print(
-            f"duplexgate call: the gateway ended the call after {summary.media_sent * 0.02:.1f} s of "
-            f"{summary.input_s:.1f} s (close code {summary.close_code}, reason: "
-            f"{summary.close_reason or 'none given'})",
-            file=sys.stderr,
-        )
-        return 1
-    return 1 if summary.violations else 0
+    from gateway.simulator.command import place_call
 
-
-class CallFailed(Exception):
-    """`duplexgate call` cannot go on; the message is its one line, `status` its exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _call_inputs(args: argparse.Namespace):
-    """The caller audio (8 kHz int16) and DTMF schedule, or CallFailed(status 2) naming what is wrong."""
-    import wave
-
-    from gateway.simulator.playout import read_wav_8k
-
-    if not args.url and not args.webhook:
-        raise CallFailed("give --url, --webhook, or both", 2)
-    if args.url and not args.url.startswith(("ws://", "wss://")):
-        raise CallFailed(f"--url {args.url!r}: a media stream URL starts with ws:// or wss://", 2)
-    if args.webhook and not args.webhook.startswith(("http://", "https://")):
-        raise CallFailed(
-            f"--webhook {args.webhook!r}: a voice webhook URL starts with http:// or https://", 2
-        )
-    try:
-        dtmf = [_parse_dtmf(spec) for spec in args.dtmf]
-    except ValueError as exc:
-        raise CallFailed(str(exc), 2) from None
-    try:
-        audio = read_wav_8k(args.input)
-    except FileNotFoundError:
-        raise CallFailed(f"--input {args.input}: no such file", 2) from None
-    except (wave.Error, EOFError) as exc:
-        detail = str(exc) or "no complete header"
-        raise CallFailed(f"--input {args.input}: not a 16-bit PCM wav file ({detail})", 2) from None
-    except (OSError, ValueError) as exc:
-        raise CallFailed(f"--input {args.input}: {exc}", 2) from None
-    if len(audio) == 0:
-        raise CallFailed(f"--input {args.input}: the file holds no audio", 2)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise CallFailed(f"--output {args.output}: no such directory", 2)
-    return audio, dtmf
-
-
-async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
-    """simulate_call, with network failures turned into CallFailed."""
-    import httpx
-    from websockets.exceptions import InvalidHandshake, InvalidURI
-
-    from gateway.simulator.twilio import simulate_call
-
-    try:
-        return await simulate_call(
-            args.url,
-            caller_audio,
-            webhook=args.webhook,
-            caller=args.caller,
-            called=args.called,
-            auth_token=args.auth_token,
-            dtmf=dtmf,
-            tail_s=args.tail,
-        )
-    except httpx.HTTPError as exc:
-        raise CallFailed(
-            f"cannot reach the voice webhook {args.webhook}: {exc or type(exc).__name__}"
-        ) from None
-    except InvalidURI as exc:
-        raise CallFailed(f"bad media stream URL: {exc}") from None
-    except (OSError, InvalidHandshake, TimeoutError) as exc:
-        target = args.url or "the stream URL in the TwiML"
-        raise CallFailed(f"cannot open the media stream at {target}: {exc or type(exc).__name__}") from None
-    except RuntimeError as exc:  # the voice webhook answered, but not with usable TwiML
-        raise CallFailed(str(exc)) from None
-
-
-def write_wav_output(path: str, heard, rate: int) -> None:
-    from gateway.simulator.playout import write_wav
-
-    try:
-        write_wav(path, heard, rate=rate)
-    except OSError as exc:
-        raise CallFailed(f"--output {path}: {exc}", 2) from None
+    return place_call(args)
 
 
 def _token_counter(config: GatewayConfig) -> Callable[[str], int]:
@@ -403,17 +295,6 @@ def _parse_param(spec: str) -> tuple[str, str]:
     if not sep or not name:
         raise ValueError(f"--param {spec!r}: expected NAME=VALUE")
     return name, value
-
-
-def _parse_dtmf(spec: str) -> tuple[str, float]:
-    """'1@2.5s' -> ('1', 2.5)."""
-    digit, sep, at = spec.partition("@")
-    try:
-        if not sep or len(digit) != 1:
-            raise ValueError
-        return digit, float(at.removesuffix("s"))
-    except ValueError:
-        raise ValueError(f"--dtmf {spec!r}: expected DIGIT@SECONDS such as 1@2.5s") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from gateway.assets import asset_root
 from gateway.call.escalation import EscalationPolicy
 from gateway.call.incoming import masked_number, normalise_number
 from gateway.call.limits import CallLimits
+from gateway.carriers import DEFAULT_CARRIER, carrier_class, registry
+from gateway.carriers.base import CarrierSettings
 from gateway.schema import ConfigProblems, validate
 
 log = logging.getLogger(__name__)
@@ -60,18 +62,6 @@ class ServerSection:
     # An address that fails this many signature or API-key checks in a minute gets 429 until the minute is
     # out, its credentials unchecked.
     auth_failures_per_minute: Annotated[int, Gt(0)] = 20
-
-
-@dataclass(frozen=True)
-class TwilioSection:
-    auth_token_env: str = "TWILIO_AUTH_TOKEN"
-    # Without the auth token nothing checks who is calling. Serving unsigned traffic beyond this machine
-    # needs this switch and `duplexgate serve --confirm-unsigned`.
-    allow_unsigned: bool = False
-    auth_token: str | None = field(default=None, repr=False)  # from the environment, never the file
-    account_sid_env: str = "TWILIO_ACCOUNT_SID"  # for call control (transfer); else the stream's accountSid
-    account_sid: str | None = None  # resolved from the environment
-    api_base: str = "https://api.twilio.com"  # Twilio's REST API (call transfer and hang-up)
 
 
 @dataclass(frozen=True)
@@ -120,14 +110,16 @@ class AgentConfig:
     limits: CallLimits = CallLimits()
     escalation: EscalationPolicy = EscalationPolicy()
     # With signatures on, a media stream must carry the call token its voice webhook handed out; true lets
-    # streams started without one (a TwiML Bin pointing straight at /twilio/media) reach this agent.
+    # streams started without one (a carrier pointed straight at /<carrier>/media) reach this agent.
     allow_unprepared_streams: bool = False
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     server: ServerSection = ServerSection()
-    twilio: TwilioSection = TwilioSection()
+    # the carriers served, by name: each one's [<name>] section (its file in gateway/carriers/ says what it
+    # holds); a file with no carrier section serves Twilio with its defaults
+    carriers: Mapping[str, CarrierSettings] = field(default_factory=lambda: {DEFAULT_CARRIER: _default()})
     engine: EngineSection = EngineSection()
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
     numbers: Mapping[str, str] = field(default_factory=dict)  # normalised called number -> agent name
@@ -171,8 +163,12 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-SECTIONS = ("server", "twilio", "engine", "crm", "agents", "numbers", "store", "control", "webhooks")
-SECRETS_FROM_ENV = {"twilio": ("auth_token", "account_sid"), "webhooks": ("secret",)}
+SECTIONS = ("server", "engine", "crm", "agents", "numbers", "store", "control", "webhooks")
+SECRETS_FROM_ENV = {"webhooks": ("secret",)}
+
+
+def _default() -> CarrierSettings:
+    return carrier_class(DEFAULT_CARRIER).settings_type()
 
 
 class _Problems:
@@ -197,11 +193,18 @@ class _Problems:
 def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) -> GatewayConfig:
     """Validate an already-parsed TOML document. Raises ConfigError listing every problem found."""
     problems = _Problems(source)
+    carrier_names = registry()
     for key in raw:
-        if key not in SECTIONS:
-            problems.add(f"top level has unknown key '{key}'; known keys: {sorted(SECTIONS)}")
+        if key not in SECTIONS and key not in carrier_names:
+            known = sorted([*SECTIONS, *carrier_names])
+            problems.add(f"top level has unknown key '{key}'; known keys (carriers included): {known}")
     tables = {name: raw.get(name, {}) for name in SECTIONS}
-    for name, secrets in SECRETS_FROM_ENV.items():
+    carrier_tables = {name: raw[name] for name in carrier_names if name in raw} or {DEFAULT_CARRIER: {}}
+    secrets_from_env = dict(SECRETS_FROM_ENV)
+    for name in carrier_tables:
+        secrets_from_env[name] = tuple(carrier_names[name].settings_type.secrets)
+        tables[name] = carrier_tables[name]
+    for name, secrets in secrets_from_env.items():
         given = [key for key in secrets if isinstance(tables[name], dict) and key in tables[name]]
         for key in given:
             problems.add(
@@ -211,12 +214,11 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         if given:
             tables[name] = {k: v for k, v in tables[name].items() if k not in given}
     server = problems.section(ServerSection, tables["server"], "[server]", ServerSection())
-    twilio = problems.section(TwilioSection, tables["twilio"], "[twilio]", TwilioSection())
     engine = problems.section(EngineSection, tables["engine"], "[engine]", EngineSection())
     store = problems.section(StoreSection, tables["store"], "[store]", StoreSection())
     control = problems.section(ControlSection, tables["control"], "[control]", ControlSection())
     webhooks = problems.section(WebhooksSection, tables["webhooks"], "[webhooks]", WebhooksSection())
-    assert server and twilio and engine and store and control and webhooks  # defaults when invalid
+    assert server and engine and store and control and webhooks  # defaults when invalid
 
     if store.url and urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
         problems.add(
@@ -251,15 +253,17 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
                 f"[server] public_url = {server.public_url!r} must be a bare https:// base such as "
                 "'https://gw.example.com' (no path or query)"
             )
-    token = env.get(twilio.auth_token_env) or None
-    if token and not server.public_url:
-        problems.add(
-            f"[server] public_url is required when {twilio.auth_token_env} is set "
-            "(Twilio signs the public URL, e.g. https://gw.example.com)"
-        )
-    twilio = dataclasses.replace(
-        twilio, auth_token=token, account_sid=env.get(twilio.account_sid_env) or None
-    )
+    carriers: dict[str, CarrierSettings] = {}
+    for name in carrier_tables:
+        kind = carrier_names[name].settings_type
+        settings = problems.section(kind, tables[name], f"[{name}]", kind())
+        assert settings is not None
+        resolved = {
+            key: env.get(str(getattr(settings, variable))) or None for key, variable in kind.secrets.items()
+        }
+        carriers[name] = settings = dataclasses.replace(settings, **resolved)
+        for problem in settings.problems(server.public_url):
+            problems.add(f"[{name}] {problem}")
 
     # Paths in the file (templates, CRM files) are relative to the file, wherever the gateway is started.
     base_dir = Path(source).resolve().parent if Path(source).is_file() else Path.cwd()
@@ -303,7 +307,7 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         raise ConfigError(problems.found)
     return GatewayConfig(
         server=server,
-        twilio=twilio,
+        carriers=carriers,
         engine=engine,
         agents=agents,
         numbers=numbers,
@@ -375,22 +379,34 @@ def is_loopback(host: str | None) -> bool:
 
 
 def exposure_problem(config: GatewayConfig, host: str, confirmed_unsigned: bool = False) -> str | None:
-    """Why serving `config` on `host` would be unsafe, or None. Without Twilio signatures anyone who can
-    reach the port can place calls: that is fine on this machine (the demo), and beyond it only when the
-    operator says so twice ([twilio] allow_unsigned and `--confirm-unsigned`)."""
-    if config.twilio.auth_token is not None or is_loopback(host):
+    """Why serving `config` on `host` would be unsafe, or None. A carrier whose signatures are not checked
+    lets anyone who can reach the port place calls: that is fine on this machine (the demo), and beyond it
+    only when the operator says so twice (its `allow_unsigned` and `--confirm-unsigned`)."""
+    if is_loopback(host):
         return None
-    if config.twilio.allow_unsigned and confirmed_unsigned:
-        return None
-    variable = config.twilio.auth_token_env
-    fix = (
-        "add --confirm-unsigned to serve unsigned traffic anyway"
-        if config.twilio.allow_unsigned
-        else f"export {variable} and set [server] public_url (or {config.server.public_url_env}), or bind "
-        "to 127.0.0.1; to serve unsigned traffic anyway set [twilio] allow_unsigned = true and add "
-        "--confirm-unsigned"
-    )
-    return (
-        f"{config.source}: refusing to serve on {host} without Twilio signatures ({variable} is not set): "
-        f"{fix}"
-    )
+    for name, settings in config.carriers.items():
+        if _signs(name, settings, config.server.public_url):
+            continue
+        variables = settings.signing_variables()
+        if settings.allow_unsigned and confirmed_unsigned:
+            continue
+        fix = (
+            "add --confirm-unsigned to serve unsigned traffic anyway"
+            if settings.allow_unsigned
+            else f"export {' / '.join(variables)} and set [server] public_url (or "
+            f"{config.server.public_url_env}), or bind to 127.0.0.1; to serve unsigned traffic anyway set "
+            f"[{name}] allow_unsigned = true and add --confirm-unsigned"
+        )
+        return (
+            f"{config.source}: refusing to serve on {host} without {name} signatures "
+            f"({' / '.join(variables)} not set): anyone who can reach it could place calls; {fix}"
+        )
+    return None
+
+
+def _signs(name: str, settings: CarrierSettings, public_url: str) -> bool:
+    """Whether the carrier built from `settings` checks who is calling."""
+    try:
+        return carrier_class(name)(settings, public_url or None).authenticates
+    except ValueError:
+        return False

@@ -19,9 +19,9 @@ from websockets.exceptions import ConnectionClosed
 
 from engine.echo import EchoEngine
 from gateway.call.notices import CallNotice
+from gateway.carriers.twilio import compute_signature, fetch_twiml
 from gateway.config import ConfigError, load_config
-from gateway.edge.transports.twilio import compute_signature
-from gateway.simulator.twilio import fetch_twiml, simulate_call
+from gateway.simulator.call import simulate_call
 
 TOKEN = "test-auth-token-0123456789abcdef"
 CHUNK_S = 0.02  # Twilio media cadence
@@ -272,7 +272,7 @@ async def test_called_number_picks_its_agent(start_gateway, tone_wav) -> None:
 
 def test_example_config_loads_and_routes_unknown_numbers_to_the_default_agent() -> None:
     config = load_config(env={})
-    assert config.twilio.auth_token is None
+    assert config.carriers["twilio"].auth_token is None
     assert config.agent_for("+19998887777").name == config.default_agent
     assert config.agent_for(None).name == config.default_agent
 
@@ -283,7 +283,7 @@ def test_auth_token_comes_from_the_environment_variable_named_in_the_config(tmp_
         '[server]\npublic_url = "https://gw.example.com"\n[twilio]\nauth_token_env = "MY_TWILIO_TOKEN"\n'
         '[agents.a]\nvoice = "NATF2"\nprompt = "p"\n'
     )
-    assert load_config(path, env={"MY_TWILIO_TOKEN": "s3cret"}).twilio.auth_token == "s3cret"
+    assert load_config(path, env={"MY_TWILIO_TOKEN": "s3cret"}).carriers["twilio"].auth_token == "s3cret"
 
 
 @pytest.mark.parametrize(

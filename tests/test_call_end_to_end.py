@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import TEST_AUTH_TOKEN
 
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 CALLER_LINE = "Hi, my dishwasher is leaking. Can someone come this week?"
 

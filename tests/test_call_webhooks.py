@@ -13,7 +13,7 @@ from callaudio import speech_like
 
 from gateway.config import ConfigError
 from gateway.ops.webhooks import verify
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 SECRET = "whsec-test-0123456789"
 ENV = {"TEST_WEBHOOK_SECRET": SECRET}

@@ -15,7 +15,7 @@ import torch
 from services import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 from engine.echo import EchoEngine
-from gateway.simulator.twilio import SimCallSummary, simulate_call
+from gateway.simulator.call import SimCallSummary, simulate_call
 
 API_KEY = "control-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from engine.echo import EchoEngine
-from gateway.edge.transports.twilio import compute_signature
+from gateway.carriers.twilio import compute_signature
 from gateway.ops.auth_throttle import AuthThrottle
 
 ALLOWED = 3

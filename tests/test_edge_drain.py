@@ -15,7 +15,7 @@ from serveproc import serve
 from services import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 from gateway.ops.redis_store import RedisStore
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 
 def drain_config(directory: Path, redis_url: str, grace_s: float) -> Path:

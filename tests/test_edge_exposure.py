@@ -37,7 +37,7 @@ def test_the_unsigned_demo_may_serve_this_machine(host: str) -> None:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gw.example.com"])
 def test_an_unsigned_gateway_is_not_exposed_beyond_this_machine(host: str) -> None:
     problem = exposure_problem(example(), host)
-    assert problem is not None and f"on {host} without Twilio signatures" in problem
+    assert problem is not None and f"on {host} without twilio signatures" in problem
     assert "TWILIO_AUTH_TOKEN" in problem
 
 
@@ -50,7 +50,8 @@ def test_exposing_an_unsigned_gateway_takes_the_switch_and_the_confirmation() ->
 
 def test_a_signed_gateway_with_its_public_url_from_the_environment_may_be_exposed() -> None:
     config = example(env=SIGNED)
-    assert config.server.public_url == "https://gw.example.com" and config.twilio.auth_token == "t" * 32
+    assert config.server.public_url == "https://gw.example.com"
+    assert config.carriers["twilio"].auth_token == "t" * 32
     assert exposure_problem(config, "0.0.0.0") is None
 
 
@@ -61,7 +62,7 @@ def test_serve_refuses_an_unsigned_public_address_at_once(
     monkeypatch.setenv("DUPLEXGATE_HOME", str(tmp_path))
     monkeypatch.delenv("TWILIO_AUTH_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--port", "9"]) == 2
-    assert "refusing to serve on 0.0.0.0 without Twilio signatures" in capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0 without twilio signatures" in capsys.readouterr().err
 
 
 def test_a_plain_http_public_url_is_refused_unless_allowed() -> None:

@@ -15,7 +15,7 @@ from test_edge_limits import rss_bytes
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 CONNECTIONS = 20
 MESSAGES_EACH = 520

@@ -13,7 +13,7 @@ from conftest import TEST_AUTH_TOKEN
 from test_escalation import HUMAN, TwilioStandIn
 
 from engine.echo import EchoEngine
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 SID = "CA" + "c" * 32
 

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from engine.echo import EchoEngine
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 SID = "CA" + "d" * 32
 STREAM = "MZ" + "d" * 32

@@ -12,7 +12,7 @@ from conftest import TEST_AUTH_TOKEN, gateway_config
 
 from gateway.call.incoming import masked_number
 from gateway.cli import main
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 CALLER = "+15550001111"
 
@@ -46,7 +46,7 @@ def test_secrets_stay_out_of_the_configs_repr() -> None:
         tables={"webhooks": {"url": "https://crm.example.com/hooks"}},
         env={"DUPLEXGATE_WEBHOOK_SECRET": "webhook-secret-0123456789"},
     )
-    assert config.twilio.auth_token == TEST_AUTH_TOKEN  # held, but never shown
+    assert config.carriers["twilio"].auth_token == TEST_AUTH_TOKEN  # held, but never shown
     assert TEST_AUTH_TOKEN not in repr(config) and "webhook-secret-0123456789" not in repr(config)
 
 

@@ -14,7 +14,7 @@ from conftest import TEST_AUTH_TOKEN
 
 from gateway.call import escalation
 from gateway.call.escalation import parse_escalation
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 ACCOUNT = "AC" + "0" * 32  # what the simulated carrier puts in start.accountSid
 HUMAN = "+15550009999"

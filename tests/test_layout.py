@@ -79,6 +79,7 @@ ALLOWED = {
     "gateway.agents": {"gateway.agents", "gateway.assets", "gateway.call.incoming", "crm_adapters", "engine"},
     "gateway.ops": {"gateway.ops", "gateway.call", "gateway.config", "gateway.switchboard", "engine.api"},
     "gateway.edge": {"gateway", "crm_adapters", "engine.api"},
+    "gateway.carriers": {"gateway.carriers", "gateway.call.events", "gateway.schema"},
 }
 
 

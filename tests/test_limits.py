@@ -8,7 +8,7 @@ import pytest
 from callaudio import speech_like
 
 from gateway.call.limits import CallLimits, LimitGuard, parse_limits
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 
 SPEECH = (0.1 * np.sin(np.arange(1920) * 0.05)).astype(np.float32)  # about -23 dBFS
 SILENCE = np.zeros(1920, dtype=np.float32)

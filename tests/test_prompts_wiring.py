@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from engine.echo import EchoEngine
+from gateway.carriers.twilio import fetch_twiml
 from gateway.cli import main
 from gateway.config import EXAMPLE_CONFIG, ConfigError, load_config
-from gateway.simulator.twilio import fetch_twiml, simulate_call
+from gateway.simulator.call import simulate_call
 
 SERVICE_AGENT = """
 [engine]

@@ -18,7 +18,7 @@ from engine.echo import EchoEngine
 from gateway.config import load_config
 from gateway.ops.recorder import CallRecorder
 from gateway.ops.store import LiveCall, MemoryStore
-from gateway.simulator.twilio import simulate_call
+from gateway.simulator.call import simulate_call
 from gateway.switchboard import Switchboard
 
 API_KEY = "recorder-test-key-0123456789"
@@ -135,7 +135,7 @@ async def test_heartbeats_keep_the_replicas_live_calls_alive_until_the_recorder_
 
 
 async def test_a_call_whose_media_stream_never_comes_still_leaves_a_record(start_gateway, engine) -> None:
-    from gateway.simulator.twilio import fetch_twiml
+    from gateway.carriers.twilio import fetch_twiml
 
     live = start_gateway(engine, call_token_ttl_s=0.3)
     sid = "CA" + "6" * 32

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from gateway.carriers.twilio import compute_signature
 from gateway.cli import main
-from gateway.edge.transports.twilio import compute_signature
-from gateway.simulator.twilio import RATE, simulate_call
+from gateway.simulator.call import RATE, simulate_call
 
 Script = Callable[[ServerConnection, "Peer"], Awaitable[None]]
 

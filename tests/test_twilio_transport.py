@@ -23,8 +23,10 @@ from gateway.call.events import (
     PlayAudio,
     StreamConnected,
 )
-from gateway.edge.transports.twilio import (
-    TwilioDialect,
+from gateway.carriers.twilio import (
+    TwilioCarrier,
+    TwilioSettings,
+    TwilioStream,
     compute_signature,
     connect_stream_twiml,
     signed_url_variants,
@@ -38,8 +40,15 @@ ACCOUNT_SID = "AC" + "2" * 32
 
 
 @pytest.fixture
-def twilio() -> TwilioDialect:
-    return TwilioDialect()
+def twilio() -> TwilioStream:
+    stream = TwilioStream({}, {})
+    stream.stream_id = STREAM_SID
+    return stream
+
+
+def TwilioDialect(token: str | None = None, public: str | None = None) -> TwilioCarrier:  # noqa: N802
+    """The carrier with this auth token and public URL."""
+    return TwilioCarrier(TwilioSettings(auth_token=token), public)
 
 
 def _msg(**fields: object) -> str:
@@ -49,12 +58,12 @@ def _msg(**fields: object) -> str:
 # --- inbound -----------------------------------------------------------------------------------------
 
 
-def test_connected_becomes_stream_connected(twilio: TwilioDialect) -> None:
+def test_connected_becomes_stream_connected(twilio: TwilioStream) -> None:
     event = twilio.parse(_msg(event="connected", protocol="Call", version="1.0.0"))
     assert event == StreamConnected(protocol="Call", version="1.0.0")
 
 
-def test_start_carries_call_stream_parameters_and_format(twilio: TwilioDialect) -> None:
+def test_start_carries_call_stream_parameters_and_format(twilio: TwilioStream) -> None:
     start = {
         "accountSid": "AC" + "0" * 32,
         "streamSid": STREAM_SID,
@@ -70,7 +79,7 @@ def test_start_carries_call_stream_parameters_and_format(twilio: TwilioDialect) 
     assert event.media_format == MediaFormat("mulaw", 8000, 1)
 
 
-def test_start_with_uuid_stream_sid_is_accepted(twilio: TwilioDialect) -> None:
+def test_start_with_uuid_stream_sid_is_accepted(twilio: TwilioStream) -> None:
     # The 2020 capture in twilio/media-streams shows a UUID streamSid: no strict format check.
     sid = "b1b7f5c4-6d8e-4c34-9b7a-0d7f6e5d4c3b"
     start = {
@@ -82,7 +91,7 @@ def test_start_with_uuid_stream_sid_is_accepted(twilio: TwilioDialect) -> None:
     assert isinstance(event, CallStarted) and event.stream_id == sid
 
 
-def test_media_decodes_payload_and_string_timestamp(twilio: TwilioDialect) -> None:
+def test_media_decodes_payload_and_string_timestamp(twilio: TwilioStream) -> None:
     payload = bytes(range(160))
     media = {
         "track": "inbound",
@@ -94,7 +103,7 @@ def test_media_decodes_payload_and_string_timestamp(twilio: TwilioDialect) -> No
     assert event == CallerAudio(payload=payload, timestamp_ms=52)
 
 
-def test_dtmf_mark_and_stop_become_their_events(twilio: TwilioDialect) -> None:
+def test_dtmf_mark_and_stop_become_their_events(twilio: TwilioStream) -> None:
     dtmf = _msg(
         event="dtmf", streamSid=STREAM_SID, sequenceNumber="5", dtmf={"track": "inbound_track", "digit": "#"}
     )
@@ -138,12 +147,12 @@ def test_dtmf_mark_and_stop_become_their_events(twilio: TwilioDialect) -> None:
         ),
     ],
 )
-def test_malformed_message_raises_with_reason(twilio: TwilioDialect, message: str, complaint: str) -> None:
+def test_malformed_message_raises_with_reason(twilio: TwilioStream, message: str, complaint: str) -> None:
     with pytest.raises(MalformedMessage, match=complaint):
         twilio.parse(message)
 
 
-def test_binary_frame_is_malformed(twilio: TwilioDialect) -> None:
+def test_binary_frame_is_malformed(twilio: TwilioStream) -> None:
     with pytest.raises(MalformedMessage, match="binary"):
         twilio.parse(b'{"event": "media"}')
 
@@ -151,9 +160,9 @@ def test_binary_frame_is_malformed(twilio: TwilioDialect) -> None:
 # --- outbound ----------------------------------------------------------------------------------------
 
 
-def test_outbound_media_has_exactly_the_documented_fields(twilio: TwilioDialect) -> None:
+def test_outbound_media_has_exactly_the_documented_fields(twilio: TwilioStream) -> None:
     payload = bytes([0xFF]) * 640
-    message = json.loads(twilio.render(PlayAudio(payload), STREAM_SID))
+    message = json.loads(twilio.render(PlayAudio(payload))[0])
     assert message == {
         "event": "media",
         "streamSid": STREAM_SID,
@@ -161,18 +170,17 @@ def test_outbound_media_has_exactly_the_documented_fields(twilio: TwilioDialect)
     }
 
 
-def test_outbound_mark_has_exactly_the_documented_fields(twilio: TwilioDialect) -> None:
-    message = json.loads(twilio.render(PlaceMark("agent-3"), STREAM_SID))
+def test_outbound_mark_has_exactly_the_documented_fields(twilio: TwilioStream) -> None:
+    message = json.loads(twilio.render(PlaceMark("agent-3"))[0])
     assert message == {"event": "mark", "streamSid": STREAM_SID, "mark": {"name": "agent-3"}}
 
 
-def test_outbound_clear_has_exactly_the_documented_fields(twilio: TwilioDialect) -> None:
-    assert json.loads(twilio.render(ClearAudio(), STREAM_SID)) == {"event": "clear", "streamSid": STREAM_SID}
+def test_outbound_clear_has_exactly_the_documented_fields(twilio: TwilioStream) -> None:
+    assert json.loads(twilio.render(ClearAudio())[0]) == {"event": "clear", "streamSid": STREAM_SID}
 
 
-def test_end_stream_has_no_wire_message(twilio: TwilioDialect) -> None:
-    with pytest.raises(ValueError, match="EndStream"):
-        twilio.render(EndStream("bye"), STREAM_SID)
+def test_end_stream_has_no_wire_message(twilio: TwilioStream) -> None:
+    assert list(twilio.render(EndStream("bye"))) == []
 
 
 # --- signatures --------------------------------------------------------------------------------------
@@ -193,40 +201,40 @@ def test_signature_matches_twilio_documented_vector() -> None:
 def test_upgrade_signed_over_public_wss_url_is_accepted() -> None:
     twilio = TwilioDialect(TOKEN, PUBLIC)
     signature = compute_signature(TOKEN, "wss://gw.example.com/twilio/media")
-    assert twilio.verify_upgrade("/twilio/media", {"x-twilio-signature": signature})
+    assert twilio.verify_upgrade("/twilio/media", {}, {"x-twilio-signature": signature})
 
 
 def test_upgrade_signed_with_trailing_slash_is_accepted() -> None:
     twilio = TwilioDialect(TOKEN, PUBLIC)
     signature = compute_signature(TOKEN, "wss://gw.example.com/twilio/media/")
-    assert twilio.verify_upgrade("/twilio/media", {"x-twilio-signature": signature})
+    assert twilio.verify_upgrade("/twilio/media", {}, {"x-twilio-signature": signature})
 
 
 def test_upgrade_signed_with_explicit_port_is_accepted() -> None:
     twilio = TwilioDialect(TOKEN, PUBLIC)
     signature = compute_signature(TOKEN, "wss://gw.example.com:443/twilio/media")
-    assert twilio.verify_upgrade("/twilio/media", {"x-twilio-signature": signature})
+    assert twilio.verify_upgrade("/twilio/media", {}, {"x-twilio-signature": signature})
 
 
 def test_upgrade_signed_over_internal_ws_url_is_refused() -> None:
     # What a server behind a TLS proxy would reconstruct from the request: not what Twilio signed.
     twilio = TwilioDialect(TOKEN, PUBLIC)
     signature = compute_signature(TOKEN, "ws://10.0.0.5:8080/twilio/media")
-    assert not twilio.verify_upgrade("/twilio/media", {"x-twilio-signature": signature})
+    assert not twilio.verify_upgrade("/twilio/media", {}, {"x-twilio-signature": signature})
 
 
 def test_upgrade_signed_with_another_token_is_refused() -> None:
     twilio = TwilioDialect(TOKEN, PUBLIC)
     signature = compute_signature("54321", "wss://gw.example.com/twilio/media")
-    assert not twilio.verify_upgrade("/twilio/media", {"x-twilio-signature": signature})
+    assert not twilio.verify_upgrade("/twilio/media", {}, {"x-twilio-signature": signature})
 
 
 def test_upgrade_without_signature_is_refused_when_token_configured() -> None:
-    assert not TwilioDialect(TOKEN, PUBLIC).verify_upgrade("/twilio/media", {})
+    assert not TwilioDialect(TOKEN, PUBLIC).verify_upgrade("/twilio/media", {}, {})
 
 
 def test_upgrade_is_not_checked_without_token() -> None:
-    assert TwilioDialect(None, PUBLIC).verify_upgrade("/twilio/media", {})
+    assert TwilioDialect(None, PUBLIC).verify_upgrade("/twilio/media", {}, {})
 
 
 def test_webhook_signature_covers_form_fields() -> None:
@@ -300,7 +308,7 @@ def test_stream_url_turns_public_https_into_wss() -> None:
     ],
 )
 def test_a_start_whose_sids_are_not_twilios_shapes_is_malformed(
-    twilio: TwilioDialect, start: dict, named: str
+    twilio: TwilioStream, start: dict, named: str
 ) -> None:
     with pytest.raises(MalformedMessage, match=named):
         twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=STREAM_SID))
@@ -314,7 +322,7 @@ def test_a_start_whose_sids_are_not_twilios_shapes_is_malformed(
     ],
 )
 def test_a_start_with_an_unhashable_encoding_is_malformed_not_a_crash(
-    twilio: TwilioDialect, start: dict
+    twilio: TwilioStream, start: dict
 ) -> None:
     with pytest.raises(MalformedMessage):
         twilio.parse(_msg(event="start", sequenceNumber="1", start=start, streamSid=STREAM_SID))

@@ -43,13 +43,14 @@ class StreamConnected:
 class CallStarted:
     """The stream now carries one call; the carrier told us who it is."""
 
-    call_id: str  # the carrier's call id (Twilio CallSid)
+    call_id: str  # the carrier's call id (Twilio's CallSid, Telnyx's call_control_id, ...)
     stream_id: str  # the carrier's stream id, needed on every outbound message
     caller: str | None = None  # From, when the carrier says it on the stream
     called: str | None = None  # To, likewise
     custom_parameters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     media_format: MediaFormat = MediaFormat()
-    account_id: str | None = None  # the carrier account of the call (Twilio AccountSid), for call control
+    account_id: str | None = None  # the carrier account the stream named (informational)
+    carrier: str = ""  # which carrier the stream came from (the edge fills it in), for call control
 
 
 @dataclass(frozen=True)

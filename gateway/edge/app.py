@@ -1,9 +1,10 @@
-"""The FastAPI app: assembles the rooms (switchboard, control plane, the carrier's routes) and serves
-Twilio's voice webhook and media stream, `/healthz` and `/readyz`.
+"""The FastAPI app: assembles the rooms (switchboard, control plane, each configured carrier's routes) and
+serves every carrier's voice webhook and media stream, `/healthz` and `/readyz`.
 
-The voice webhook starts priming the engine session while the phone rings and answers TwiML at once with a
-single-use token bound to the CallSid; the media stream (edge/stream.py) is authenticated before it is
-accepted, then claims that prepared call with the token from `start.customParameters` and bridges it.
+A voice webhook (`/<carrier>/voice`) starts priming the engine session while the phone rings and answers
+in the carrier's markup at once, with a single-use token bound to the call; the media stream
+(`/<carrier>/media`, edge/stream.py) is authenticated before it is accepted, then claims that prepared call
+with the token and bridges it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -21,31 +21,34 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from engine.api import Admission, Engine
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
+from gateway.carriers import carrier_class
+from gateway.carriers.base import Carrier, WebhookRefused
 from gateway.config import GatewayConfig
 from gateway.edge.body_limit import BodyLimit
-from gateway.edge.stream import TOKEN_PARAMETER, serve_media_stream
-from gateway.edge.transports.twilio import (
-    CALL_SID,
-    MEDIA_PATH,
-    VOICE_PATH,
-    TwilioCallControl,
-    TwilioDialect,
-    connect_stream_twiml,
-)
+from gateway.edge.stream import serve_media_stream
 from gateway.ops.control import install_control
 from gateway.switchboard import PreparedCall, Switchboard
 
 log = logging.getLogger(__name__)
 
 
+def build_carriers(config: GatewayConfig) -> dict[str, Carrier]:
+    """The carriers this config serves, each with its settings."""
+    public_url = config.server.public_url or None
+    return {name: carrier_class(name)(settings, public_url) for name, settings in config.carriers.items()}
+
+
 def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     """Build the gateway app for `config`, serving calls from `engine` (which the caller owns)."""
-    twilio = TwilioDialect(config.twilio.auth_token, config.server.public_url or None)
-    account = config.twilio
-    call_control = TwilioCallControl(account.auth_token, account.account_sid, account.api_base)
+    carriers = build_carriers(config)
 
     async def transfer(call: CallSession, target: str) -> None:
-        await call_control.transfer(call.call_id, target, account_sid=call.started.account_id)
+        carrier = carriers.get(call.started.carrier)
+        if carrier is None:
+            raise RuntimeError(
+                f"call {call.call_id} came from no configured carrier ({call.started.carrier!r})"
+            )
+        await carrier.transfer(call.started, target)
 
     gateway = Switchboard(config, engine, transfer)
     control = install_control(gateway)  # call store, records, control API
@@ -54,13 +57,14 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if twilio.auth_token is None:
-            log.warning(
-                "%s: %s is not set: Twilio signatures are NOT checked; anyone who can reach this server can "
-                "place calls. Set it before exposing the gateway.",
-                config.source,
-                config.twilio.auth_token_env,
-            )
+        for carrier in carriers.values():
+            if not carrier.authenticates:
+                log.warning(
+                    "%s: [%s] has no secret in the environment: its signatures are NOT checked; anyone who "
+                    "can reach this server can place calls. Set it before exposing the gateway.",
+                    config.source,
+                    carrier.name,
+                )
         await control.start()
         yield
         await gateway.shutdown()
@@ -100,63 +104,73 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
 
     app.state.drain = lambda: gateway.drain(config.server.drain_grace_s)
 
-    @app.post(VOICE_PATH)
-    async def twilio_voice(request: Request) -> Response:
-        address = request.client.host if request.client else "?"
-        if wait_s := gateway.auth_throttle.blocked(address):
-            return too_many_failures(wait_s)
-        body = (await request.body()).decode("utf-8", errors="replace")
-        form = parse_qsl(body, keep_blank_values=True)  # exact values: signatures cover them byte for byte
-        if not twilio.verify_webhook(request.url.path, request.url.query, form, request.headers):
-            log.warning("voice webhook: bad or missing X-Twilio-Signature from %s; refused", address)
-            gateway.auth_throttle.failed(address)
-            return Response("invalid signature", status_code=403, media_type="text/plain")
-        if gateway.draining:  # Twilio then follows the number's fallback URL, if one is set
-            return Response("draining", status_code=503, media_type="text/plain")
-        fields = dict(form)
-        call_id = fields.get("CallSid", "")
-        if not CALL_SID.fullmatch(call_id):
-            return JSONResponse(
-                {"error": "voice webhook without a CallSid (CA + 32 hex digits)"}, status_code=400
-            )
-        agent = config.agent_for(fields.get("To"))
-        token = secrets.token_urlsafe(24)
-        gateway.prepared.add(
-            PreparedCall(
-                call_id=call_id,
-                token=token,
-                agent=agent,
-                caller=fields.get("From"),
-                called=fields.get("To"),
-                engine_session=gateway.open_engine_session(
-                    agent,
-                    IncomingCall(call_id, caller=fields.get("From"), called=fields.get("To"), fields=fields),
-                ),
-            )
-        )
-        log.info(
-            "call %s: %s -> %s answered by agent %s",
-            call_id,
-            config.number(fields.get("From")),
-            config.number(fields.get("To")),
-            agent.name,
-        )
-        stream_url = twilio.stream_url(MEDIA_PATH, request_base=str(request.base_url))
-        twiml = connect_stream_twiml(stream_url, {TOKEN_PARAMETER: token})
-        return Response(twiml, media_type="application/xml")
-
-    @app.websocket(MEDIA_PATH)
-    async def twilio_media(websocket: WebSocket) -> None:
-        await serve_media_stream(websocket, twilio, gateway)
+    for carrier in carriers.values():
+        _mount(app, carrier, gateway, config)
 
     @app.websocket("/{path:path}")
     async def no_media_stream(websocket: WebSocket, path: str) -> None:
         # Registered last: a stream to any other path gets 404 (Starlette's default, 403, reads as a
         # refused signature when the URL is what is wrong).
-        text = f"no media stream at /{path}; Twilio streams go to {MEDIA_PATH}"
+        paths = ", ".join(c.media_path for c in carriers.values())
+        text = f"no media stream at /{path}; streams go to {paths}"
         await websocket.send_denial_response(PlainTextResponse(text[:200], status_code=404))
 
     return app
+
+
+def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: GatewayConfig) -> None:
+    """`carrier`'s voice webhook and media stream."""
+
+    async def voice(request: Request) -> Response:
+        address = request.client.host if request.client else "?"
+        if wait_s := gateway.auth_throttle.blocked(address):
+            return too_many_failures(wait_s)
+        body = await request.body()  # capped by BodyLimit before any of it was read
+        try:
+            answering = carrier.read_answer(
+                request.method, request.url.path, request.url.query, body, request.headers
+            )
+        except WebhookRefused as exc:
+            log.warning("%s voice webhook from %s refused: %s", carrier.name, address, exc)
+            if exc.auth_failed:
+                gateway.auth_throttle.failed(address)
+            return PlainTextResponse(str(exc), status_code=exc.status)
+        if gateway.draining:  # the carrier then follows the number's fallback, if one is set
+            return Response("draining", status_code=503, media_type="text/plain")
+        call_id = answering.call_id
+        agent = config.agent_for(answering.called)
+        token = secrets.token_hex(24)  # hex: every carrier's parameter syntax carries it unchanged
+        incoming = IncomingCall(
+            call_id, caller=answering.caller, called=answering.called, fields=dict(answering.fields)
+        )
+        gateway.prepared.add(
+            PreparedCall(
+                call_id=call_id,
+                token=token,
+                agent=agent,
+                caller=answering.caller,
+                called=answering.called,
+                engine_session=gateway.open_engine_session(agent, incoming),
+            )
+        )
+        log.info(
+            "call %s: %s -> %s answered by agent %s (%s)",
+            call_id,
+            config.number(answering.caller),
+            config.number(answering.called),
+            agent.name,
+            carrier.name,
+        )
+        body_text, media_type = carrier.answer(answering, carrier.stream_url(str(request.base_url)), token)
+        return Response(body_text, media_type=media_type)
+
+    async def media(websocket: WebSocket) -> None:
+        await serve_media_stream(websocket, carrier, gateway)
+
+    app.add_api_route(
+        carrier.voice_path, voice, methods=list(carrier.voice_methods), name=f"{carrier.name}_voice"
+    )
+    app.add_api_websocket_route(carrier.media_path, media, name=f"{carrier.name}_media")
 
 
 def too_many_failures(wait_s: float) -> Response:

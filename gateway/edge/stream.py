@@ -19,13 +19,12 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from gateway.call.events import CallerAudio, CallStarted, EndStream, MalformedMessage, OutboundCommand
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
-from gateway.edge.transports.base import CarrierDialect
+from gateway.carriers.base import TOKEN_PARAMETER, Carrier, CarrierStream
 from gateway.switchboard import Switchboard
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024  # Twilio's frames are ~400 B; anything this big is not a media message
-TOKEN_PARAMETER = "token"
+MAX_MESSAGE_BYTES = 64 * 1024  # carriers' media messages are 0.2-8 KiB; anything this big is not one
 POLICY_VIOLATION = 1008  # WebSocket close code for a stream we refuse after accepting it
 MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
@@ -34,30 +33,34 @@ MAX_PACING_PAUSE_S = 0.1  # reading pauses at most this long after audio that ca
 YIELD_EVERY = 16  # messages handled between forced yields to the event loop
 
 
-async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gateway: Switchboard) -> None:
-    """One carrier media stream from upgrade to close; works for any dialect that reports CallStarted."""
+async def serve_media_stream(websocket: WebSocket, carrier: Carrier, gateway: Switchboard) -> None:
+    """One carrier media stream from upgrade to close; works for any carrier whose stream reports
+    CallStarted."""
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
     address = websocket.client.host if websocket.client else "?"
     if wait_s := gateway.auth_throttle.blocked(address):
         retry = {"Retry-After": str(max(1, round(wait_s)))}
         await websocket.send_denial_response(PlainTextResponse("too many failed authentications", 429, retry))
         return
-    if not dialect.verify_upgrade(websocket.url.path, websocket.headers):
-        log.warning("%s stream from %s: bad or missing signature; refused before accept", dialect.name, peer)
+    query = dict(websocket.query_params)
+    if not carrier.verify_upgrade(websocket.url.path, query, websocket.headers):
+        log.warning("%s stream from %s: bad or missing signature; refused before accept", carrier.name, peer)
         gateway.auth_throttle.failed(address)
         await websocket.close(code=POLICY_VIOLATION)  # before accept: the server answers HTTP 403
         return
     await websocket.accept()
+    dialect = carrier.open_stream(query, websocket.headers)
     try:
         async with asyncio.timeout(gateway.config.server.stream_start_timeout_s):
-            started = await _wait_for_start(websocket, dialect, peer)
+            started = await _wait_for_start(websocket, dialect, carrier.name, peer)
     except TimeoutError:
         timeout_s = gateway.config.server.stream_start_timeout_s
-        log.warning("%s stream from %s: no start within %.1f s; closed", dialect.name, peer, timeout_s)
+        log.warning("%s stream from %s: no start within %.1f s; closed", carrier.name, peer, timeout_s)
         await _close(websocket, POLICY_VIOLATION)
         return
     if started is None:  # the carrier went away before starting
         return
+    started = replace(started, carrier=carrier.name)
     call_id = started.call_id
     if call_id in gateway.calls:  # a stream never takes over a call that is live
         log.warning("call %s: a second media stream for a live call; refused, the live call goes on", call_id)
@@ -86,7 +89,7 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
             log.warning("call %s: stream without a call token while draining; refused", call_id)
             await _close(websocket, TRY_AGAIN_LATER)
             return
-        if dialect.authenticates and not agent.allow_unprepared_streams:
+        if carrier.authenticates and not agent.allow_unprepared_streams:
             log.warning("call %s: stream without a call token; refused (agent %s)", call_id, agent.name)
             await _close(websocket, POLICY_VIOLATION)
             return
@@ -96,13 +99,14 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         )
         engine_session = gateway.open_engine_session(agent, incoming)
 
-    stream_id = started.stream_id
-
     async def send(command: OutboundCommand) -> None:
+        for message in dialect.render(command):
+            if isinstance(message, str):
+                await websocket.send_text(message)
+            else:
+                await websocket.send_bytes(message)
         if isinstance(command, EndStream):
             await _close(websocket, 1000, command.reason)
-        else:
-            await websocket.send_text(dialect.render(command, stream_id))  # type: ignore[arg-type]
 
     try:
         limits = agent.limits.with_overrides(started.custom_parameters)
@@ -132,16 +136,16 @@ async def serve_media_stream(websocket: WebSocket, dialect: CarrierDialect, gate
         await _close(websocket, 1000, call.end_reason or "")
 
 
-async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: str) -> CallStarted | None:
+async def _wait_for_start(
+    websocket: WebSocket, dialect: CarrierStream, carrier: str, peer: str
+) -> CallStarted | None:
     warnings = LogThrottle()
     while True:
         raw = await _receive(websocket)
         if raw is None:
             return None
         if len(raw) > MAX_MESSAGE_BYTES:  # nobody is on this stream yet: no reason to keep reading it
-            log.warning(
-                "%s stream from %s: a %d-byte message before start; closed", dialect.name, peer, len(raw)
-            )
+            log.warning("%s stream from %s: a %d-byte message before start; closed", carrier, peer, len(raw))
             await _close(websocket, MESSAGE_TOO_BIG)
             return None
         try:
@@ -150,7 +154,7 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
             if (skipped := warnings.due()) is not None:
                 log.warning(
                     "%s stream from %s: dropped malformed message before start: %s%s",
-                    dialect.name,
+                    carrier,
                     peer,
                     exc,
                     _since(skipped),
@@ -161,14 +165,14 @@ async def _wait_for_start(websocket: WebSocket, dialect: CarrierDialect, peer: s
         # `connected` precedes `start`; anything else before `start` has no call to go to.
 
 
-async def _bridge(websocket: WebSocket, dialect: CarrierDialect, call: CallSession, idle_s: float) -> None:
+async def _bridge(websocket: WebSocket, dialect: CarrierStream, call: CallSession, idle_s: float) -> None:
     await _Bridge(websocket, dialect, call).run(idle_s)
 
 
 class _Bridge:
     """Carrier messages to one call until either side ends it."""
 
-    def __init__(self, websocket: WebSocket, dialect: CarrierDialect, call: CallSession) -> None:
+    def __init__(self, websocket: WebSocket, dialect: CarrierStream, call: CallSession) -> None:
         self.websocket, self.dialect, self.call = websocket, dialect, call
         self.loop = asyncio.get_running_loop()
         self.last_audio = self.loop.time()
@@ -204,6 +208,8 @@ class _Bridge:
                 if len(raw) > MAX_MESSAGE_BYTES:
                     raise MalformedMessage(f"a {len(raw)}-byte message (limit {MAX_MESSAGE_BYTES})")
                 event = self.dialect.parse(raw)
+                if event is None:  # an acknowledgement or notice with nothing for the call
+                    continue
             except MalformedMessage as exc:
                 call.stats.malformed_messages += 1  # every one counted in the record; logged at most 1/s
                 if (skipped := self.junk_warnings.due()) is not None:

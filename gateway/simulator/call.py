@@ -1,52 +1,41 @@
-"""A simulated Twilio carrier: places one call against a gateway over real HTTP and WebSocket, speaking
-Twilio's Media Streams protocol the way Twilio does, and records what the caller would have heard.
+"""A simulated carrier: places one call against a gateway over real HTTP and WebSocket, speaking one
+carrier's protocol (its `CarrierPeer`) the way that carrier does, and records what the caller heard.
 
-It can fetch TwiML from the voice webhook first, signs requests when given an auth token, streams caller
-audio as 20 ms mu-law `media` messages in real time, plays the gateway's audio on a real-time playout
-clock, echoes marks when the audio before them has played (at once when nothing is queued), honours
-`clear`, and checks every message the gateway sends against Twilio's exact outbound shapes. Used by the
-tests, by `duplexgate call` and by the load benchmark.
+It can request the voice webhook first (signed when given the carrier's secret), streams caller audio in
+the carrier's wire format in real time, plays the gateway's audio on a real-time playout clock,
+acknowledges marks when the audio before them has played (at once when nothing is queued), honours
+clears, and checks every message the gateway sends against what the carrier accepts. Used by the tests, by
+`duplexgate call` and by the load benchmark.
 
-Size: the caller, the receiver with its playout, and the mark echoes are three concurrent parts of one live
-call sharing its state (sequence numbers, the playout clock, the summary); they stay in one class here.
+Size: the caller, the receiver with its playout, and the mark acknowledgements are three concurrent parts
+of one live call sharing its state (the playout clock, the summary); they stay in one class here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
-import secrets
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import httpx
 import numpy as np
+import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.edge.transports.twilio import compute_signature
+from gateway.carriers import DEFAULT_CARRIER, carrier_class
+from gateway.carriers.base import CarrierPeer, StreamTarget, Violation
 from gateway.simulator.playout import RATE, Playout, read_wav_8k
 
 with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-CHUNK = 160  # 20 ms of 8 kHz mu-law: what Twilio sends per media message
-CHUNK_S = CHUNK / RATE
-MULAW_SILENCE = 0xFF
-USER_AGENT = "Twilio.TmeWs/1.0"
-_OUTBOUND_KEYS = {
-    "media": {"event", "streamSid", "media"},
-    "mark": {"event", "streamSid", "mark"},
-    "clear": {"event", "streamSid"},
-}
+CHUNK_S = 0.02  # Twilio-style carriers send 20 ms per media message
 
 
 @dataclass
@@ -75,8 +64,10 @@ class SimCallSummary:
     close_code: int | None = None
     close_reason: str = ""  # the reason in the gateway's close frame
     input_s: float = 0.0  # caller audio this call was to send (input plus the silent tail)
+    chunk_s: float = 0.02  # caller audio per media message, as this carrier sends it
     outbound_log: list[tuple[float, str]] = field(default_factory=list)  # (time, event) in arrival order
     heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    peer: CarrierPeer | None = field(default=None, repr=False)  # the carrier's side of the call
 
     @property
     def heard_s(self) -> float:
@@ -120,72 +111,15 @@ class SimCallSummary:
         return self.closed_by == "gateway"
 
 
-async def fetch_twiml(
-    webhook: str, form: Mapping[str, str], auth_token: str | None, timeout_s: float = 5.0
-) -> tuple[str, dict[str, str]]:
-    """POST the voice webhook as Twilio does and return the <Stream> url and its <Parameter>s."""
-    headers = {"User-Agent": "TwilioProxy/1.1"}
-    if auth_token:
-        headers["X-Twilio-Signature"] = compute_signature(auth_token, webhook, form.items())
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
-        response = await client.post(webhook, data=dict(form), headers=headers)
-    if response.status_code != 200:
-        raise RuntimeError(f"voice webhook {webhook} answered {response.status_code}: {response.text[:200]}")
-    root = ElementTree.fromstring(response.text)
-    stream = root.find("./Connect/Stream")
-    if stream is None or not stream.get("url"):
-        raise RuntimeError(
-            f"voice webhook {webhook}: TwiML has no <Connect><Stream url>: {response.text[:300]}"
-        )
-    params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-    return stream.get("url", ""), params
-
-
-def check_outbound(message: str | bytes, stream_sid: str) -> tuple[dict[str, Any] | None, str | None]:
-    """Validate one gateway -> Twilio message; returns (message, None) or (None, what is wrong)."""
-    if not isinstance(message, str):
-        return None, "binary frame (Twilio error 31950)"
-    try:
-        data = json.loads(message)
-    except ValueError:
-        return None, f"not JSON: {message[:80]!r}"
-    if not isinstance(data, dict):
-        return None, "JSON is not an object"
-    event = data.get("event")
-    keys = _OUTBOUND_KEYS.get(event)  # type: ignore[arg-type]
-    if keys is None:
-        return None, f"unknown event {event!r}"
-    if set(data) != keys:
-        return None, f"{event}: fields {sorted(data)} != {sorted(keys)}"
-    if data["streamSid"] != stream_sid:
-        return None, f"{event}: wrong streamSid {data['streamSid']!r}"
-    if event == "media":
-        media = data["media"]
-        if not isinstance(media, dict) or set(media) != {"payload"} or not isinstance(media["payload"], str):
-            return None, f"media: 'media' must be exactly {{'payload': str}}, got {media!r:.80}"
-        try:
-            payload = base64.b64decode(media["payload"], validate=True)
-        except binascii.Error:
-            return None, "media: payload is not base64"
-        if not payload:
-            return None, "media: empty payload"
-        if payload[:4] in (b"RIFF", b".snd"):
-            return None, "media: payload has a file header (it would play as noise)"
-    elif event == "mark":
-        mark = data["mark"]
-        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
-            return None, f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}"
-    return data, None
-
-
 async def simulate_call(
     url: str | None,
     audio: str | Path | np.ndarray,
     *,
+    carrier: str = DEFAULT_CARRIER,
     webhook: str | None = None,
     caller: str = "+15550001111",
     called: str = "+15550002222",
-    auth_token: str | None = None,
+    auth_token: object = None,
     custom_parameters: Mapping[str, str] | None = None,
     call_sid: str | None = None,
     dtmf: Sequence[tuple[str, float]] = (),
@@ -194,44 +128,38 @@ async def simulate_call(
     drop_at_s: float | None = None,
     connect_timeout_s: float = 5.0,
 ) -> SimCallSummary:
-    """Place one simulated call and return what happened.
+    """Place one simulated call as `carrier` and return what happened.
 
-    `url` is the media-stream WebSocket to connect to; with `webhook`, the TwiML is fetched first and its
-    stream URL is used when `url` is None (and is what gets signed either way, as Twilio signs the URL
-    written in the TwiML). `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it
-    (a listening caller still sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)]
-    for fault injection; `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that
-    time without a `stop`.
+    `url` is the media-stream WebSocket to connect to; with `webhook`, the carrier's answer is fetched
+    first and its stream URL is used when `url` is None (and is what gets signed either way, as carriers
+    sign the URL their markup named). `auth_token` is the carrier's secret (signing key, token, key pair).
+    `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it (a listening caller still
+    sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)] for fault injection;
+    `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that time without a `stop`.
     """
     pcm = read_wav_8k(audio) if isinstance(audio, str | Path) else np.asarray(audio, dtype=np.int16)
-    call_sid = call_sid or "CA" + secrets.token_hex(16)
-    summary = SimCallSummary(call_sid=call_sid, stream_sid="MZ" + secrets.token_hex(16))
+    peer = carrier_class(carrier).peer(call_sid, caller, called, auth_token)
+    summary = SimCallSummary(peer.call_id, peer.stream_id, chunk_s=peer.chunk_s, peer=peer)
     params = dict(custom_parameters or {})
-    signed_url = url
+    target = None
     if webhook is not None:
-        form = {
-            "AccountSid": "AC" + "0" * 32,
-            "ApiVersion": "2010-04-01",
-            "CallSid": call_sid,
-            "CallStatus": "ringing",
-            "Called": called,
-            "Caller": caller,
-            "Direction": "inbound",
-            "From": caller,
-            "To": called,
-        }
-        signed_url, twiml_params = await fetch_twiml(webhook, form, auth_token, connect_timeout_s)
-        params.update(twiml_params)
-        summary.stream_parameters = twiml_params
-        url = url or signed_url
-    if url is None:
+        async with httpx.AsyncClient(timeout=connect_timeout_s) as client:
+            target = await peer.answer(client, webhook)
+        summary.stream_parameters = dict(target.parameters)
+        params = {**params, **target.parameters}
+    if url is None and target is None:
         raise ValueError("simulate_call needs a stream url or a webhook that returns one")
-    headers = {"x-twilio-signature": compute_signature(auth_token, signed_url or url)} if auth_token else {}
+    signed = target.url if target is not None else url
+    target = peer.target(signed, params)  # type: ignore[arg-type]
+    headers = peer.upgrade_headers(target)
+    connect_url = url if url is not None else target.url
+    if url is not None and target.url != signed:  # the peer put something in the URL (a query string)
+        connect_url = url + target.url[len(signed) :]
     try:
         ws = await connect(
-            url,
+            connect_url,
             additional_headers=headers,
-            user_agent_header=USER_AGENT,
+            user_agent_header=f"duplexgate-sim ({carrier})",
             compression=None,
             open_timeout=connect_timeout_s,
             max_size=2**20,
@@ -241,8 +169,42 @@ async def simulate_call(
         return summary
     summary.handshake_status = 101
     async with ws:
-        await _CallRun(ws, summary, pcm, params, dtmf, inject, tail_s, drop_at_s).run()
+        await _CallRun(ws, peer, target, summary, pcm, dtmf, inject, tail_s, drop_at_s).run()
+    summary.stream_sid = peer.stream_id
     return summary
+
+
+class WireAudio:
+    """The caller's 8 kHz audio in a carrier's wire format, and the gateway's back to 8 kHz for the ear."""
+
+    def __init__(self, peer: CarrierPeer) -> None:
+        self.encoding, self.rate = peer.wire.encoding, peer.wire.sample_rate
+        self.chunk_bytes = round(self.rate * peer.chunk_s) * (1 if self.encoding == "mulaw" else 2)
+        self._down = soxr.ResampleStream(self.rate, RATE, 1, dtype="float32") if self.rate != RATE else None
+
+    def encode(self, pcm_8k: np.ndarray) -> bytes:
+        pcm = pcm_8k
+        if self.rate != RATE:
+            up = soxr.resample(pcm_8k.astype(np.float32) / 32768.0, RATE, self.rate, quality="HQ")
+            pcm = np.clip(np.round(up * 32768.0), -32768, 32767).astype(np.int16)
+        per_chunk = self.chunk_bytes // (1 if self.encoding == "mulaw" else 2)
+        pcm = np.concatenate([pcm, np.zeros(-len(pcm) % per_chunk, np.int16)])  # whole chunks
+        data = pcm.astype("<i2").tobytes()
+        return audioop.lin2ulaw(data, 2) if self.encoding == "mulaw" else data
+
+    def seconds(self, payload: bytes) -> float:
+        return len(payload) / (self.rate * (1 if self.encoding == "mulaw" else 2))
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        if self.encoding == "mulaw":
+            data = audioop.ulaw2lin(payload, 2)
+        else:
+            data = payload[: len(payload) - len(payload) % 2]
+        pcm = np.frombuffer(data, dtype="<i2")
+        if self._down is None:
+            return pcm
+        out = self._down.resample_chunk(pcm.astype(np.float32) / 32768.0)
+        return np.clip(np.round(out * 32768.0), -32768, 32767).astype(np.int16)
 
 
 class _CallRun:
@@ -251,27 +213,25 @@ class _CallRun:
     def __init__(
         self,
         ws: ClientConnection,
+        peer: CarrierPeer,
+        target: StreamTarget,
         summary: SimCallSummary,
         pcm: np.ndarray,
-        params: dict[str, str],
         dtmf: Sequence[tuple[str, float]],
         inject: Sequence[tuple[float, str | bytes]],
         tail_s: float,
         drop_at_s: float | None,
     ) -> None:
-        self.ws = ws
+        self.ws, self.peer, self.target = ws, peer, target
         self.s = summary
+        self.audio = WireAudio(peer)
         silence = np.zeros(int(round(tail_s * RATE)), np.int16)
-        padded = np.concatenate([pcm, silence])
-        padded = np.concatenate([padded, np.zeros(-len(padded) % CHUNK, np.int16)])
-        self.ulaw = audioop.lin2ulaw(padded.astype("<i2").tobytes(), 2)
-        summary.input_s = len(padded) / RATE
-        self.params = params
+        self.wire = self.audio.encode(np.concatenate([pcm, silence]))
+        summary.input_s = self.audio.seconds(self.wire)
         self.schedule = sorted(
             [(t, "dtmf", d) for d, t in dtmf] + [(t, "inject", m) for t, m in inject], key=lambda x: x[0]
         )
         self.drop_at_s = drop_at_s
-        self.seq = 0
         self.lock = asyncio.Lock()
         self.sent_at: list[float] = []  # send time of each caller chunk
         self.first_audio_at: float | None = None
@@ -281,30 +241,17 @@ class _CallRun:
         self.ended_at: float | None = None  # when the call ended for the caller
         self.unpaired_reply: tuple[float, int] | None = None  # (arrival, position) of the last media
 
-    async def send_event(self, message: dict[str, Any]) -> None:
+    async def send(self, message: str | bytes | None) -> None:
+        if message is None:
+            return
         async with self.lock:  # sequence numbers must go out in order
-            self.seq += 1
-            message["sequenceNumber"] = str(self.seq)
-            await self.ws.send(json.dumps(message))
+            await self.ws.send(message)
 
     async def run(self) -> None:
-        await self.ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await self.send_event(
-            {
-                "event": "start",
-                "start": {
-                    "accountSid": "AC" + "0" * 32,
-                    "streamSid": self.s.stream_sid,
-                    "callSid": self.s.call_sid,
-                    "tracks": ["inbound"],
-                    "customParameters": self.params,
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
-                },
-                "streamSid": self.s.stream_sid,
-            }
-        )
+        for message in self.peer.opening(self.target):
+            await self.send(message)
         origin = self.loop.time()
-        self.playout = Playout(origin, len(self.ulaw) / RATE)
+        self.playout = Playout(origin, self.s.input_s)
         receiver = asyncio.create_task(self._receive())
         echoes = asyncio.create_task(self._echo_marks())
         try:
@@ -322,15 +269,16 @@ class _CallRun:
             self.s.first_audio_latency_s = self.first_audio_at - self.sent_at[0]
 
     async def _speak(self, origin: float) -> None:
-        """Caller side: a media message every 20 ms on an absolute schedule, DTMF and injections between."""
+        """Caller side: a media message per chunk on an absolute schedule, DTMF and injections between."""
         schedule = deque(self.schedule)
-        chunks = len(self.ulaw) // CHUNK
+        size, chunk_s = self.audio.chunk_bytes, self.peer.chunk_s
+        chunks = len(self.wire) // size
         try:
             for n in range(chunks):
-                due = origin + (n + 1) * CHUNK_S  # a chunk goes out once its 20 ms have been captured
-                while schedule and schedule[0][0] <= n * CHUNK_S:
+                due = origin + (n + 1) * chunk_s  # a chunk goes out once its audio has been captured
+                while schedule and schedule[0][0] <= n * chunk_s:
                     await self._scheduled(*schedule.popleft())
-                if self.drop_at_s is not None and n * CHUNK_S >= self.drop_at_s:
+                if self.drop_at_s is not None and n * chunk_s >= self.drop_at_s:
                     self.s.closed_by = "carrier"
                     self.ended_at = self.loop.time()
                     self.ws.transport.abort()  # the carrier vanishes: no stop, no close handshake
@@ -340,25 +288,12 @@ class _CallRun:
                     await asyncio.sleep(delay)  # cheaper than a wait_for per chunk under load
                 if self.gone.is_set():
                     return
-                payload = base64.b64encode(self.ulaw[n * CHUNK : (n + 1) * CHUNK]).decode("ascii")
-                media = {
-                    "track": "inbound",
-                    "chunk": str(n + 1),
-                    "timestamp": str(n * 20),
-                    "payload": payload,
-                }
                 self.sent_at.append(self.loop.time())
-                await self.send_event({"event": "media", "media": media, "streamSid": self.s.stream_sid})
+                await self.send(self.peer.media(self.wire[n * size : (n + 1) * size], n))
                 self.s.media_sent += 1
             self.s.closed_by = "carrier"
-            self.ended_at = origin + chunks * CHUNK_S  # the caller hangs up as its audio ends
-            await self.send_event(
-                {
-                    "event": "stop",
-                    "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.s.call_sid},
-                    "streamSid": self.s.stream_sid,
-                }
-            )
+            self.ended_at = origin + chunks * chunk_s  # the caller hangs up as its audio ends
+            await self.send(self.peer.stop())
             try:
                 await asyncio.wait_for(self.ws.close(), 2.0)
             except TimeoutError:
@@ -373,11 +308,10 @@ class _CallRun:
 
     async def _scheduled(self, _at: float, kind: str, what: str | bytes) -> None:
         if kind == "dtmf":
-            dtmf = {"track": "inbound_track", "digit": what}
-            await self.send_event({"event": "dtmf", "streamSid": self.s.stream_sid, "dtmf": dtmf})
+            await self.send(self.peer.dtmf(str(what)))
             self.s.dtmf_sent += 1
         else:
-            await self.ws.send(what)
+            await self.send(what)
 
     async def _receive(self) -> None:
         """Carrier side of the gateway's messages: validate, play, queue marks, clear."""
@@ -386,27 +320,31 @@ class _CallRun:
         try:
             async for message in self.ws:
                 now = self.loop.time()
-                data, problem = check_outbound(message, self.s.stream_sid)
-                if problem is not None:
-                    self.s.violations.append(problem)
+                try:
+                    out = self.peer.read(message)
+                except Violation as exc:
+                    self.s.violations.append(str(exc))
                     continue
-                assert data is not None
-                event = data["event"]
-                self.s.outbound_log.append((now - playout.origin, event))
-                if event == "media":
-                    self._on_media(now, base64.b64decode(data["media"]["payload"]))
-                elif event == "mark":
+                if out.kind == "other":
+                    continue
+                self.s.outbound_log.append((now - playout.origin, out.kind))
+                if out.kind == "media":
+                    self._on_media(now, out.payload)
+                elif out.kind == "mark":
                     self.s.marks_received += 1
-                    self._pair_reply(data["mark"]["name"])
+                    self._pair_reply(out.name)
                     if playout.end <= now:
-                        await self._echo(data["mark"]["name"])
+                        await self._echo(out.name)
                     else:
-                        playout.pending.append((playout.end, data["mark"]["name"]))
+                        playout.pending.append((playout.end, out.name))
                         playout.wake.set()
                 else:  # clear
                     self.s.clears_received += 1
-                    for name in playout.clear(now):
-                        await self._echo(name)
+                    dropped = playout.clear(now)
+                    if self.peer.echoes_marks_on_clear:
+                        for name in dropped:
+                            await self._echo(name)
+                    await self.send(self.peer.cleared())
         except ConnectionClosed:
             pass
         if not self.s.closed_by:
@@ -416,11 +354,10 @@ class _CallRun:
             self.ended_at = self.loop.time()
         self.gone.set()
 
-    def _on_media(self, now: float, ulaw: bytes) -> None:
+    def _on_media(self, now: float, payload: bytes) -> None:
         assert self.playout is not None
-        pcm = np.frombuffer(audioop.ulaw2lin(ulaw, 2), dtype="<i2")
-        self.playout.play(now, pcm)
-        self.s.audio_received_s += len(ulaw) / RATE
+        self.playout.play(now, self.audio.decode(payload))
+        self.s.audio_received_s += self.audio.seconds(payload)
         self.unpaired_reply = (now, self.s.media_received)
         self.s.media_received += 1
         if self.first_audio_at is None:
@@ -429,9 +366,9 @@ class _CallRun:
     def _pair_reply(self, mark_name: str) -> None:
         """Time the media just before this mark against the caller chunk that completed its frame.
 
-        Frame k is caller chunks 4k..4k+3. k is the number at the end of the mark's name when there is
-        one (duplexgate names marks `agent-<frame>`, so frames the gateway dropped do not shift the
-        pairing), else the reply's position in the stream.
+        Frame k ends with caller chunk (k + 1) * 80 ms / chunk - 1. k is the number at the end of the
+        mark's name when there is one (duplexgate names marks `agent-<frame>`, so frames the gateway
+        dropped do not shift the pairing), else the reply's position in the stream.
         """
         if self.unpaired_reply is None:
             return
@@ -439,9 +376,10 @@ class _CallRun:
         self.unpaired_reply = None
         suffix = mark_name.rpartition("-")[2]
         frame = int(suffix) if suffix.isdigit() else position
-        fourth = 4 * frame + 3
-        if fourth < len(self.sent_at):
-            self.s.frame_latencies_ms.append((received_at - self.sent_at[fourth]) * 1000)
+        per_frame = max(1, round(0.08 / self.peer.chunk_s))
+        last = per_frame * (frame + 1) - 1
+        if last < len(self.sent_at):
+            self.s.frame_latencies_ms.append((received_at - self.sent_at[last]) * 1000)
 
     async def _echo_marks(self) -> None:
         assert self.playout is not None
@@ -461,7 +399,7 @@ class _CallRun:
 
     async def _echo(self, name: str) -> None:
         try:
-            await self.send_event({"event": "mark", "streamSid": self.s.stream_sid, "mark": {"name": name}})
+            await self.send(self.peer.played(name))
             self.s.marks_echoed += 1
         except ConnectionClosed:
             pass
