@@ -68,8 +68,11 @@ async def test_a_call_runs_its_whole_course_on_every_carrier(start_gateway, api,
     assert summary.first_audio_latency_s is not None and summary.first_audio_latency_s < 1.0
     assert summary.marks_echoed >= 5  # playback acknowledged in the carrier's own way
     assert summary.dtmf_sent == 1 and summary.clears_received >= 1  # the key asked for a human
-    assert len(api.requests) == 1, api.requests
-    assert summary.peer is not None and summary.peer.check_transfer(api.requests[0], HUMAN) == []
+    if peer_type.transfers_over_rest:
+        assert len(api.requests) == 1, api.requests
+        assert summary.peer is not None and summary.peer.check_transfer(api.requests[0], HUMAN) == []
+    else:  # the carrier's own flow takes the call on once the stream ends
+        assert api.requests == []
     assert summary.closed_by == "gateway"  # the transferred call's stream is ended
     record = await stored_record(live, summary.call_sid)
     assert record["escalations"][0]["trigger"] == "dtmf"

@@ -51,6 +51,7 @@ class CallStarted:
     media_format: MediaFormat = MediaFormat()
     account_id: str | None = None  # the carrier account the stream named (informational)
     carrier: str = ""  # which carrier the stream came from (the edge fills it in), for call control
+    control_id: str | None = None  # the id the carrier's REST API names the call by, when not `call_id`
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -127,6 +127,9 @@ class Carrier(ABC):
     name: ClassVar[str]  # also the prefix of its routes: /<name>/voice, /<name>/media
     settings_type: ClassVar[type[CarrierSettings]]
     voice_methods: ClassVar[tuple[str, ...]] = ("POST",)
+    # False for a carrier that opens streams with no answer webhook (a PBX dialling us): its upgrade check
+    # alone vouches for a stream, which then needs no per-call token.
+    prepares_calls: ClassVar[bool] = True
     peer: ClassVar[type[CarrierPeer]]  # the carrier's side, for the simulator
     console: ClassVar[str] = ""  # one line for `serve`'s start-up: where to point the carrier
 
@@ -180,11 +183,26 @@ class Carrier(ABC):
     def open_stream(self, query: Mapping[str, str], headers: Mapping[str, str]) -> CarrierStream:
         """The dialect state for one accepted media stream."""
 
+    def routes(self) -> Sequence[CarrierRoute]:
+        """HTTP routes the carrier needs besides its voice webhook (e.g. a URL its API fetches markup
+        from during a transfer); mounted under /<name>/."""
+        return ()
+
     # --- call control --------------------------------------------------------------------------------
 
     @abstractmethod
     async def transfer(self, call: CallStarted, target: str) -> None:
         """Move the live call to `target` (E.164 number or sip: URI) through the carrier's API."""
+
+
+@dataclass(frozen=True)
+class CarrierRoute:
+    """An extra HTTP route of a carrier: `path` (under /<carrier>/) answered by `handle(method, path,
+    query, body, headers) -> (status, body, media type)`; the body was capped before it was read."""
+
+    path: str
+    methods: tuple[str, ...]
+    handle: Callable[[str, str, str, bytes, Mapping[str, str]], Awaitable[tuple[int, str, str]]]
 
 
 async def rest_request(
@@ -254,6 +272,8 @@ class CarrierPeer(ABC):
     chunk_s: ClassVar[float] = 0.02  # caller audio per media message
     echoes_marks_on_clear: ClassVar[bool] = True  # after a clear, pending marks come back at once
     has_webhook: ClassVar[bool] = True  # False: the carrier opens the stream with no answer webhook
+    transfers_over_rest: ClassVar[bool] = True  # False: a transfer ends the stream and the carrier's
+    # own flow (the next applet, the dialplan) takes the call on; no REST request is made
 
     def __init__(self, call_id: str | None, caller: str, called: str, secret: Any = None) -> None:
         self.call_id = call_id or self.new_call_id()

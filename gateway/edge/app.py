@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from engine.api import Admission, Engine
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.carriers import carrier_class
-from gateway.carriers.base import Carrier, WebhookRefused
+from gateway.carriers.base import Carrier, CarrierRoute, WebhookRefused
 from gateway.config import GatewayConfig
 from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import serve_media_stream
@@ -167,10 +167,29 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
     async def media(websocket: WebSocket) -> None:
         await serve_media_stream(websocket, carrier, gateway)
 
+    for route in carrier.routes():
+        app.add_api_route(
+            f"/{carrier.name}/{route.path.lstrip('/')}",
+            _route_endpoint(route),
+            methods=list(route.methods),
+            name=f"{carrier.name}_{route.path.strip('/').replace('/', '_')}",
+        )
+
     app.add_api_route(
         carrier.voice_path, voice, methods=list(carrier.voice_methods), name=f"{carrier.name}_voice"
     )
     app.add_api_websocket_route(carrier.media_path, media, name=f"{carrier.name}_media")
+
+
+def _route_endpoint(route: CarrierRoute) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        body = await request.body()  # capped by BodyLimit before any of it was read
+        status, text, media_type = await route.handle(
+            request.method, request.url.path, request.url.query, body, request.headers
+        )
+        return Response(text, status_code=status, media_type=media_type)
+
+    return endpoint
 
 
 def too_many_failures(wait_s: float) -> Response:

@@ -89,7 +89,7 @@ async def serve_media_stream(websocket: WebSocket, carrier: Carrier, gateway: Sw
             log.warning("call %s: stream without a call token while draining; refused", call_id)
             await _close(websocket, TRY_AGAIN_LATER)
             return
-        if carrier.authenticates and not agent.allow_unprepared_streams:
+        if carrier.authenticates and carrier.prepares_calls and not agent.allow_unprepared_streams:
             log.warning("call %s: stream without a call token; refused (agent %s)", call_id, agent.name)
             await _close(websocket, POLICY_VIOLATION)
             return
