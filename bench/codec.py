@@ -1,4 +1,5 @@
-"""Benchmark of the Twilio audio path: CPU cost per call per 20 ms, latency and filter quality, ours vs soxr.
+"""Benchmark of the audio path: CPU cost per call per 20 ms for every carrier's wire format (its real
+stream dialect and the codec path it needs), the Twilio path ours vs soxr, latency and filter quality.
 
 Run `python bench/codec.py` (add `--cycles N` for more or fewer 80 ms cycles). Everything is single-thread
 and measured in one run so the rows are comparable.
@@ -192,6 +193,75 @@ def cost_table(cycles: int) -> list[str]:
     return lines
 
 
+# --- every carrier's wire format -----------------------------------------------------------------------
+
+
+class CarrierCall:
+    """One call on a carrier's real stream dialect: its peer's media messages parsed and decoded to 80 ms
+    frames, and each agent frame encoded and rendered as that carrier's outbound messages."""
+
+    def __init__(self, name: str, audio_24k: np.ndarray) -> None:
+        from gateway.call.events import CallStarted
+        from gateway.carriers import carrier_class
+        from gateway.carriers.base import StreamTarget
+
+        kind = carrier_class(name)
+        self.name = name
+        peer = kind.peer(None, "+15550001111", "+15550002222")
+        target = StreamTarget(f"wss://gw.example.com/{name}/media", {}, {"token": "0" * 48})
+        self.stream = kind(kind.settings_type(), "https://gw.example.com").open_stream({}, {})
+        started = None
+        for message in peer.opening(target):
+            event = self.stream.parse(message)
+            started = event if isinstance(event, CallStarted) else started
+        if started is None:
+            raise RuntimeError(f"{name}: the peer's opening messages never started the call")
+        fmt = started.media_format
+        self.wire = f"{fmt.encoding} {fmt.sample_rate // 1000} kHz"
+        self.inbound, self.outbound = (
+            InboundAudio(fmt.encoding, fmt.sample_rate),
+            OutboundAudio(fmt.encoding, fmt.sample_rate),
+        )
+        wire = OutboundAudio(fmt.encoding, fmt.sample_rate).encode(audio_24k)
+        size = round(fmt.bytes_per_second * peer.chunk_s)
+        self.messages = [
+            peer.media(wire[i : i + size], n) for n, i in enumerate(range(0, len(wire) - size, size))
+        ]
+        self.per_frame = max(1, round(0.08 / peer.chunk_s))  # peer messages per 80 ms
+
+    def receive(self, messages: list[str | bytes]) -> None:
+        for message in messages:
+            event = self.stream.parse(message)
+            self.inbound.push(event.payload)  # type: ignore[union-attr]
+
+    def send(self, frame: np.ndarray) -> None:
+        self.stream.audio(self.outbound.encode(frame))
+
+
+def carrier_table(cycles: int) -> list[str]:
+    from gateway.carriers import registry
+
+    audio = caller_audio_24k()
+    frames = [audio[i : i + FRAME_SAMPLES] for i in range(0, len(audio) - FRAME_SAMPLES + 1, FRAME_SAMPLES)]
+    calls = [CarrierCall(name, audio) for name in sorted(registry())]
+    clock = time.perf_counter_ns
+    totals = np.zeros((len(calls), cycles))
+    for c in range(-200, cycles):  # 200 cycles of warm-up
+        for i, call in enumerate(calls):  # the calls take turns, so load falls on every row alike
+            k = c % min(len(frames), len(call.messages) // call.per_frame)
+            start = clock()
+            call.receive(call.messages[k * call.per_frame : (k + 1) * call.per_frame])
+            call.send(frames[k])
+            if c >= 0:
+                totals[i, c] = (clock() - start) / 4 / 1e3  # us per 20 ms
+    lines = [
+        f"{'carrier':11s} {'wire format':14s} {'median':>8s} {'mean':>8s}  (us per call per 20 ms, both ways)"
+    ]
+    for call, row in zip(calls, totals, strict=True):
+        lines.append(f"{call.name:11s} {call.wire:14s} {np.median(row):8.2f} {row.mean():8.2f}")
+    return lines
+
+
 # --- latency and filter quality ----------------------------------------------------------------------
 
 
@@ -315,7 +385,9 @@ def main() -> None:
         f"orjson {orjson.__version__}, {platform.processor() or platform.machine()}, single thread"
     )
     print(f"caller audio: {'fixture input_user.wav' if FIXTURE_WAV.exists() else 'synthetic noise'}\n")
-    print("CPU cost, Twilio media JSON + base64 + mu-law + resample + 80 ms framing, both directions:")
+    print("CPU cost per carrier: its stream dialect (parse, render) + codec + resample + framing, both ways:")
+    print("\n".join(carrier_table(args.cycles)))
+    print("\nCPU cost, Twilio media JSON + base64 + mu-law + resample + 80 ms framing, both directions:")
     print("\n".join(cost_table(args.cycles)))
     print(
         "\nLatency (group delay by chirp cross-correlation + output withheld after each chunk) and quality"

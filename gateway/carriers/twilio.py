@@ -67,7 +67,7 @@ class TwilioSettings(CarrierSettings):
     auth_token_env: str = "TWILIO_AUTH_TOKEN"
     auth_token: str | None = field(default=None, repr=False)  # from the environment, never the file
     account_sid_env: str = "TWILIO_ACCOUNT_SID"  # for call control (transfer)
-    account_sid: str | None = None  # resolved from the environment
+    account_sid: str | None = field(default=None, repr=False)  # resolved from the environment
     api_base: str = "https://api.twilio.com"  # Twilio's REST API (call transfer and hang-up)
     secrets: ClassVar[Mapping[str, str]] = {"auth_token": "auth_token_env", "account_sid": "account_sid_env"}
 

@@ -58,6 +58,15 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for carrier in carriers.values():
+            base = config.server.public_url or f"http://{config.server.host}:{config.server.port}"
+            log.info(
+                "%s: answer webhook %s%s, media stream %s (%s)",
+                carrier.name,
+                base,
+                carrier.voice_path,
+                carrier.stream_url(base),
+                carrier.console or "see the README",
+            )
             if not carrier.authenticates:
                 log.warning(
                     "%s: [%s] has no secret in the environment: its signatures are NOT checked; anyone who "
