@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # ends; this bound only guards against calls that never end cleanly.
 ROLE_PROMPTS_KEPT = 4096
 
-Transfer = Callable[[CallSession, str], Awaitable[None]]  # hand a live call to a number, by its carrier
+# hand a live call to a number through its carrier; True when the carrier takes it on once our stream ends
+Transfer = Callable[[CallSession, str], Awaitable[bool]]
 
 
 @dataclass
@@ -182,10 +183,10 @@ class Switchboard:
         self.start_escalation(call, policy, trigger, reason)
         return True
 
-    async def _transfer(self, call: CallSession, target: str) -> None:
+    async def _transfer(self, call: CallSession, target: str) -> bool:
         if self._transfer_call is None:
             raise RuntimeError("no carrier call control to transfer with")
-        await self._transfer_call(call, target)
+        return await self._transfer_call(call, target)
 
     def _escalation_notice(self, call: CallSession, notice: CallNotice) -> None:
         self.notice(notice)

@@ -30,8 +30,8 @@ from gateway.call.events import (
     MediaFormat,
     StreamConnected,
 )
-from gateway.carriers.base import WebhookRefused
-from gateway.carriers.exotel import ExotelCarrier, ExotelSettings, ExotelStream, basic_header
+from gateway.carriers.base import WebhookRefused, basic_header
+from gateway.carriers.exotel import ExotelCarrier, ExotelSettings, ExotelStream
 from gateway.simulator.call import simulate_call
 
 KEY, TOKEN = "bot-key", "exotel-token-0123456789abcdef"

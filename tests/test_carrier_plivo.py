@@ -276,9 +276,9 @@ async def test_a_transfer_points_the_a_leg_at_a_one_time_dial(target: str, diall
     [route] = carrier.routes()
     base = f"{form['aleg_url']}?CallUUID{CALL}"
     body = f"CallUUID={CALL}".encode()
-    assert (await route.handle("POST", path, "", body, signature_headers(sign(base, "9", "wrong"), "9")))[
-        0
-    ] == 403
+    with pytest.raises(WebhookRefused) as forged:
+        await route.handle("POST", path, "", body, signature_headers(sign(base, "9", "wrong"), "9"))
+    assert forged.value.status == 403 and forged.value.auth_failed  # counted against the sender
     status, xml, media_type = await route.handle(
         "POST", path, "", body, signature_headers(sign(base, "9"), "9")
     )

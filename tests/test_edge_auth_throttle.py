@@ -91,3 +91,24 @@ def test_the_table_forgets_the_oldest_address_when_full() -> None:
         throttle.failed(f"10.0.{i // 256}.{i % 256}")
     assert len(throttle) == 100
     assert throttle.blocked("10.0.3.231") > 0 and throttle.blocked("10.0.0.0") == 0.0
+
+
+async def test_forged_requests_to_a_carriers_own_routes_count_too(start_gateway) -> None:
+    # Plivo's one-time transfer URL: a forged signature there is a failed authentication like any other.
+    from gateway.carriers.plivo import PlivoPeer
+
+    table, env, _ = PlivoPeer.conformance_setup("http://127.0.0.1:9")
+    agents = {
+        "agents": {"helper": {"voice": "demo", "prompt": "You help."}},
+        "numbers": {"default": "helper"},
+    }
+    live = start_gateway(
+        EchoEngine(), tables={"plivo": table, **agents}, env=env, auth_failures_per_minute=ALLOWED
+    )
+    forged = {"X-Plivo-Signature-V3": "Zm9yZ2Vk", "X-Plivo-Signature-V3-Nonce": "1"}
+    async with client() as attacker:
+        codes = [
+            (await attacker.post(live.base_url + "/plivo/transfer/abc", headers=forged)).status_code
+            for _ in range(ALLOWED + 1)
+        ]
+    assert codes == [403] * ALLOWED + [429]

@@ -94,7 +94,8 @@ class EscalatingCall(Protocol):
 class EscalationActions:
     """How actions reach the outside world; the gateway supplies them."""
 
-    transfer: Callable[[EscalatingCall, str], Awaitable[None]]  # (call, target)
+    # (call, target) -> True when the carrier takes the call on only once our stream ends
+    transfer: Callable[[EscalatingCall, str], Awaitable[bool]]
     webhook: Callable[[EscalatingCall, str, str], None]  # (call, trigger, reason): emits call.escalated
     notify: Callable[[EscalatingCall, CallNotice], None]  # (call, notice): tell the call's listeners
 
@@ -107,7 +108,7 @@ async def escalate(
     steps = policy.actions_for(trigger)
     escalation = Escalation(round(call.caller_clock_s, 3), trigger, reason, steps)
     actions.notify(call, _notice(call, NoticeKind.ESCALATED, f"{trigger}: {reason}", escalation))
-    handed_off = False
+    handed_off = ends_stream = False
     for action in steps:
         if call.ended:
             break
@@ -118,14 +119,16 @@ async def escalate(
                 actions.webhook(call, trigger, reason)
             elif action == "transfer":
                 await call.clear_carrier()
-                await actions.transfer(call, policy.transfer_to)
+                ends_stream = await actions.transfer(call, policy.transfer_to)
                 handed_off = True
             elif action == "hangup":
                 await call.end(f"escalated_{trigger}")
         except Exception as exc:
             log.warning("call %s: escalation action %s failed (%s)", call.call_id, action, exc)
             actions.notify(call, _notice(call, NoticeKind.ESCALATION_FAILED, f"{action}: {exc}"))
-    if handed_off and not call.ended:
+    if handed_off and ends_stream and not call.ended:  # the carrier's flow goes on once the stream ends
+        await call.end(f"transferred_{trigger}")
+    elif handed_off and not call.ended:
         # The carrier stops the stream once the transfer takes over; if it does not, let go of the call.
         await asyncio.sleep(TRANSFER_GRACE_S)
         await call.end(f"transferred_{trigger}", notify_carrier=False)

@@ -19,9 +19,16 @@ class MalformedMessage(ValueError):
 class MediaFormat:
     """How the caller's audio is encoded on the wire, with carrier spellings already normalised."""
 
-    encoding: str = "mulaw"  # "mulaw" or "l16"
+    encoding: str = "mulaw"  # "mulaw" or "l16" (16-bit little-endian)
     sample_rate: int = 8000
     channels: int = 1
+
+    def __post_init__(self) -> None:
+        # What the audio path converts; a carrier's start naming anything else is malformed, not a call.
+        if self.encoding not in ("mulaw", "l16") or self.sample_rate not in (8000, 16000, 24000):
+            raise ValueError(f"unsupported media format {self.encoding} at {self.sample_rate} Hz")
+        if self.channels != 1:
+            raise ValueError(f"{self.channels} channels; carriers stream mono")
 
     @property
     def bytes_per_second(self) -> int:

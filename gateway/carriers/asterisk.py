@@ -47,8 +47,6 @@ conformance suite and `duplexgate call`) lives beside the dialect it must mirror
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import secrets
@@ -82,6 +80,8 @@ from gateway.carriers.base import (
     StreamTarget,
     Violation,
     WebhookRefused,
+    basic_credentials,
+    basic_header,
     rest_request,
 )
 
@@ -238,6 +238,7 @@ class AsteriskCarrier(Carrier):
     name: ClassVar[str] = "asterisk"
     settings_type = AsteriskSettings
     prepares_calls: ClassVar[bool] = False
+    transfer_ends_stream: ClassVar[bool] = True  # Dial(...,g) returns and the dialplan dials the target
     console = "websocket_client.conf: uri = wss://<public>/asterisk/media, then Dial(WebSocket/<client>/...)"
 
     settings: AsteriskSettings
@@ -285,22 +286,6 @@ def hmac_equal(given: str, expected: str) -> bool:
     return secrets.compare_digest(given.encode(), expected.encode())
 
 
-def basic_credentials(headers: Mapping[str, str]) -> tuple[str, str] | None:
-    """(user, password) of an `Authorization: Basic` header, or None."""
-    scheme, _, value = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (user, password) if sep else None
-
-
-def basic_header(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
 def _compact(message: dict[str, Any]) -> str:
     return orjson.dumps(message).decode()
 
@@ -321,7 +306,7 @@ class AsteriskPeer(CarrierPeer):
     """Asterisk dialling WebSocket/<client>/c(slin16)f(json): Basic-auth upgrade, MEDIA_START, 20 ms slin16
     binary frames, DTMF_END, MEDIA_MARK_PROCESSED when a mark's audio has played. `secret`: the password."""
 
-    wire: ClassVar[MediaFormat] = FORMATS["slin16"]
+    wire: MediaFormat = FORMATS["slin16"]
     chunk_s: ClassVar[float] = 0.02
     echoes_marks_on_clear: ClassVar[bool] = False  # GUESS: FLUSH_MEDIA drops pending marks unreported
     has_webhook: ClassVar[bool] = False

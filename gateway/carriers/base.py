@@ -13,6 +13,8 @@ The edge, the switchboard and the config know carriers only through this module 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -130,6 +132,9 @@ class Carrier(ABC):
     # False for a carrier that opens streams with no answer webhook (a PBX dialling us): its upgrade check
     # alone vouches for a stream, which then needs no per-call token.
     prepares_calls: ClassVar[bool] = True
+    # True for a carrier whose own flow (the next applet, the dialplan) takes the call on once our stream
+    # ends: a transfer then ends the stream at once instead of waiting for the carrier to stop it.
+    transfer_ends_stream: ClassVar[bool] = False
     peer: ClassVar[type[CarrierPeer]]  # the carrier's side, for the simulator
     console: ClassVar[str] = ""  # one line for `serve`'s start-up: where to point the carrier
 
@@ -198,7 +203,8 @@ class Carrier(ABC):
 @dataclass(frozen=True)
 class CarrierRoute:
     """An extra HTTP route of a carrier: `path` (under /<carrier>/) answered by `handle(method, path,
-    query, body, headers) -> (status, body, media type)`; the body was capped before it was read."""
+    query, body, headers) -> (status, body, media type)`; the body was capped before it was read. A
+    request it refuses raises WebhookRefused (failed authentications count against the sender)."""
 
     path: str
     methods: tuple[str, ...]
@@ -236,6 +242,22 @@ async def rest_request(
     raise CallControlError(f"{what}: {last}")
 
 
+def basic_credentials(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic` header, or None."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
 # --- the carrier's side, for the simulator ----------------------------------------------------------
 
 
@@ -268,10 +290,11 @@ class CarrierPeer(ABC):
 
     One instance per simulated call; `secret` is the carrier credential a signed request needs."""
 
-    wire: ClassVar[MediaFormat] = MediaFormat()
+    wire: MediaFormat = MediaFormat()  # the call's wire format; a peer whose answer chooses it sets its own
     chunk_s: ClassVar[float] = 0.02  # caller audio per media message
     echoes_marks_on_clear: ClassVar[bool] = True  # after a clear, pending marks come back at once
     has_webhook: ClassVar[bool] = True  # False: the carrier opens the stream with no answer webhook
+    ws_user_agent: ClassVar[str] = "duplexgate-sim"  # the User-Agent of the carrier's WebSocket upgrade
     transfers_over_rest: ClassVar[bool] = True  # False: a transfer ends the stream and the carrier's
     # own flow (the next applet, the dialplan) takes the call on; no REST request is made
 

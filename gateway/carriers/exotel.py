@@ -67,6 +67,8 @@ from gateway.carriers.base import (
     StreamTarget,
     Violation,
     WebhookRefused,
+    basic_credentials,
+    basic_header,
 )
 
 log = logging.getLogger(__name__)
@@ -88,22 +90,6 @@ class ExotelSettings(CarrierSettings):
     api_token: str | None = field(default=None, repr=False)  # from the environment, never the file
     sample_rate: Literal[8000, 16000, 24000] = 24000  # asked for with ?sample-rate= on the stream URL
     secrets: ClassVar[Mapping[str, str]] = {"api_token": "api_token_env"}
-
-
-def basic_credentials(headers: Mapping[str, str]) -> tuple[str, str] | None:
-    """(user, password) of an `Authorization: Basic` header, or None."""
-    scheme, _, value = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (user, password) if sep else None
-
-
-def basic_header(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 # --- the gateway's side ---------------------------------------------------------------------------
@@ -219,6 +205,7 @@ class ExotelCarrier(Carrier):
     name: ClassVar[str] = "exotel"
     settings_type = ExotelSettings
     voice_methods: ClassVar[tuple[str, ...]] = ("GET", "POST")
+    transfer_ends_stream: ClassVar[bool] = True  # the flow's next applet takes the call on
     console = (
         "App Bazaar > your flow > Voicebot applet > URL: https://<api_key>:<token>@<public>/exotel/voice"
     )
@@ -346,7 +333,7 @@ class ExotelPeer(CarrierPeer):
 
     `secret` is "KEY:TOKEN" as written in the applet's URL (a bare token: an empty key)."""
 
-    wire: ClassVar[MediaFormat] = MediaFormat("l16", 24000)
+    wire: MediaFormat = MediaFormat("l16", 24000)
     chunk_s: ClassVar[float] = 0.1
     echoes_marks_on_clear: ClassVar[bool] = True  # GUESS, as Twilio does
     transfers_over_rest: ClassVar[bool] = False
@@ -407,7 +394,7 @@ class ExotelPeer(CarrierPeer):
         params = dict(parameters)
         rate = params.get(RATE_PARAMETER) or dict(parse_qsl(urlsplit(url).query)).get(RATE_PARAMETER)
         if rate and rate.isdigit() and int(rate) in RATES:
-            self.wire = MediaFormat("l16", int(rate))  # type: ignore[misc]  # this call's format
+            self.wire = MediaFormat("l16", int(rate))  # this call's format
         if params:
             url += ("&" if urlsplit(url).query else "?") + urlencode(params)
         return StreamTarget(url, {}, params)

@@ -263,7 +263,7 @@ class PlivoCarrier(Carrier):
     ) -> tuple[int, str, str]:
         """The `<Dial>` XML of one pending transfer, once, to a request signed by Plivo."""
         if not self.verify_webhook(method, path, query, body, headers):
-            return 403, f"bad or missing {SIGNATURE_HEADER}", "text/plain"
+            raise WebhookRefused(403, f"bad or missing {SIGNATURE_HEADER}", auth_failed=True)
         now = time.monotonic()
         transfer_id = path.rstrip("/").rpartition("/")[2]
         target, expires = self.pending.pop(transfer_id, ("", 0.0))
@@ -438,7 +438,7 @@ class PlivoPeer(CarrierPeer):
         if stream is None or not (stream.text or "").strip():
             raise RuntimeError(f"answer webhook {webhook}: no <Stream> url in {response.text[:300]}")
         encoding, _, rate = stream.get("contentType", "audio/x-l16;rate=8000").partition(";rate=")
-        self.wire = MediaFormat(encoding=ENCODINGS[encoding], sample_rate=int(rate))  # type: ignore[misc]
+        self.wire = MediaFormat(encoding=ENCODINGS[encoding], sample_rate=int(rate))
         return StreamTarget(stream.text.strip(), {}, parse_extra_headers(stream.get("extraHeaders", "")))
 
     def _event(self, message: dict[str, Any]) -> str:

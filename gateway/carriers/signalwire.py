@@ -132,7 +132,10 @@ class SignalWireStream(TwilioStream):
         if not isinstance(fmt, dict):
             raise MalformedMessage("start.mediaFormat is not an object")
         encoding = ENCODINGS.get(fmt.get("encoding", "audio/x-mulaw"))  # type: ignore[arg-type]
-        media = MediaFormat(str(encoding), fmt.get("sampleRate", 8000), fmt.get("channels", 1))
+        try:
+            media = MediaFormat(str(encoding), fmt.get("sampleRate", 8000), fmt.get("channels", 1))
+        except ValueError:
+            media = None
         if media not in CODECS.values():  # anything else would fail in the audio path, not here
             raise MalformedMessage(f"start.mediaFormat {fmt!r:.120} is none of {sorted(CODECS)}")
         account = start.get("accountSid")
@@ -249,7 +252,7 @@ class SignalWirePeer(TwilioPeer):
     """SignalWire placing a call: cXML webhook signed with the Signing Key, the upgrade with the markup's
     bearer token (and the signature), `start` in the codec the markup asked for, 20 ms chunks."""
 
-    wire: ClassVar[MediaFormat] = CODECS["L16@24000h"]  # the default settings' codec; the markup decides
+    wire: MediaFormat = CODECS["L16@24000h"]  # the default settings' codec; the markup decides
     encoding_name: ClassVar[str] = "audio/x-L16"
     user_agent: ClassVar[str] = "SignalWire-LaML"  # GUESS
 
@@ -280,8 +283,8 @@ class SignalWirePeer(TwilioPeer):
             raise RuntimeError(
                 f"voice webhook {webhook}: <Stream codec={codec!r}> is none of {sorted(CODECS)}"
             )
-        self.wire = CODECS[codec]  # type: ignore[misc]  # per call: what this call's markup asked for
-        self.encoding_name = WIRE_NAMES[self.wire.encoding]  # type: ignore[misc]
+        self.wire = CODECS[codec]  # per call: what this call's markup asked for
+        self.encoding_name = WIRE_NAMES[self.wire.encoding]
         bearer = stream.get("authBearerToken")
         params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
         return StreamTarget(

@@ -201,9 +201,12 @@ class TelnyxStream(CarrierStream):
                 f"start.custom_parameters.{CALL_PARAMETER} {call_id[:40]!r} is not a call id"
             )
         fmt = _section(start, "media_format")
-        media = MediaFormat(
-            str(ENCODINGS.get(fmt.get("encoding"))), fmt.get("sample_rate"), fmt.get("channels", 1)
-        )
+        try:
+            media = MediaFormat(
+                str(ENCODINGS.get(fmt.get("encoding"))), fmt.get("sample_rate"), fmt.get("channels", 1)
+            )
+        except ValueError:
+            media = None  # a format the audio path cannot take: refused below with what was asked for
         if media != self.wire:
             raise MalformedMessage(
                 f"start.media_format {fmt!r:.100} is not the {CODEC_NAMES[self.wire.encoding]}@"
@@ -412,7 +415,7 @@ class TelnyxPeer(CarrierPeer):
     `connected` + `start`, 20 ms `media`, marks echoed when played (pending ones at once on `clear`).
     Its CallSid and call_control_id differ, so the gateway must key the call by the one the webhook gave."""
 
-    wire: ClassVar[MediaFormat] = CODECS["PCMU@8000"]  # the default settings' codec; the TeXML decides
+    wire: MediaFormat = CODECS["PCMU@8000"]  # the default settings' codec; the TeXML decides
     user_agent: ClassVar[str] = "Telnyx-Webhooks"  # GUESS
 
     def __init__(self, call_id: str | None, caller: str, called: str, secret: Any = None) -> None:
@@ -459,7 +462,7 @@ class TelnyxPeer(CarrierPeer):
         )
         if codec not in CODECS:
             raise RuntimeError(f"voice webhook {webhook}: <Stream> codec {codec} is not {sorted(CODECS)}")
-        self.wire = CODECS[codec]  # type: ignore[misc]  # per call: what this call's TeXML asked for
+        self.wire = CODECS[codec]  # per call: what this call's TeXML asked for
         params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
         return StreamTarget(stream.get("url", ""), {}, params)
 

@@ -394,6 +394,7 @@ class TwilioPeer(CarrierPeer):
     exact outbound shapes enforced, marks echoed when played (pending ones at once on `clear`)."""
 
     user_agent: ClassVar[str] = "TwilioProxy/1.1"
+    ws_user_agent: ClassVar[str] = "Twilio.TmeWs/1.0"
     encoding_name: ClassVar[str] = "audio/x-mulaw"
 
     def __init__(self, call_id: str | None, caller: str, called: str, secret: Any = None) -> None:

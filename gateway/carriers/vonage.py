@@ -346,7 +346,7 @@ class VonagePeer(CarrierPeer):
     """Vonage placing a call: JWT-signed GET answer webhook, NCCO read, `websocket:connected` with the
     NCCO's headers, 20 ms binary L16, notify echoed when played, `websocket:cleared` after a clear."""
 
-    wire: ClassVar[MediaFormat] = MediaFormat(encoding="l16", sample_rate=24000)
+    wire: MediaFormat = MediaFormat(encoding="l16", sample_rate=24000)
     echoes_marks_on_clear: ClassVar[bool] = False
 
     @staticmethod
@@ -378,7 +378,7 @@ class VonagePeer(CarrierPeer):
             raise RuntimeError(
                 f"answer webhook {webhook}: no websocket connect in {response.text[:300]}"
             ) from None
-        self.wire = MediaFormat(encoding="l16", sample_rate=rate)  # type: ignore[misc]  # what the NCCO asked
+        self.wire = MediaFormat(encoding="l16", sample_rate=rate)  # what the NCCO asked
         return StreamTarget(url, {}, {str(k): str(v) for k, v in headers.items()})
 
     def target(self, url: str, parameters: Mapping[str, str]) -> StreamTarget:

@@ -42,13 +42,14 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     """Build the gateway app for `config`, serving calls from `engine` (which the caller owns)."""
     carriers = build_carriers(config)
 
-    async def transfer(call: CallSession, target: str) -> None:
+    async def transfer(call: CallSession, target: str) -> bool:
         carrier = carriers.get(call.started.carrier)
         if carrier is None:
             raise RuntimeError(
                 f"call {call.call_id} came from no configured carrier ({call.started.carrier!r})"
             )
         await carrier.transfer(call.started, target)
+        return carrier.transfer_ends_stream
 
     gateway = Switchboard(config, engine, transfer)
     control = install_control(gateway)  # call store, records, control API
@@ -179,7 +180,7 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
     for route in carrier.routes():
         app.add_api_route(
             f"/{carrier.name}/{route.path.lstrip('/')}",
-            _route_endpoint(route),
+            _route_endpoint(route, carrier, gateway),
             methods=list(route.methods),
             name=f"{carrier.name}_{route.path.strip('/').replace('/', '_')}",
         )
@@ -190,12 +191,23 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
     app.add_api_websocket_route(carrier.media_path, media, name=f"{carrier.name}_media")
 
 
-def _route_endpoint(route: CarrierRoute) -> Callable[[Request], Awaitable[Response]]:
+def _route_endpoint(
+    route: CarrierRoute, carrier: Carrier, gateway: Switchboard
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        address = request.client.host if request.client else "?"
+        if wait_s := gateway.auth_throttle.blocked(address):
+            return too_many_failures(wait_s)
         body = await request.body()  # capped by BodyLimit before any of it was read
-        status, text, media_type = await route.handle(
-            request.method, request.url.path, request.url.query, body, request.headers
-        )
+        try:
+            status, text, media_type = await route.handle(
+                request.method, request.url.path, request.url.query, body, request.headers
+            )
+        except WebhookRefused as exc:
+            log.warning("%s %s from %s refused: %s", carrier.name, route.path, address, exc)
+            if exc.auth_failed:
+                gateway.auth_throttle.failed(address)
+            return PlainTextResponse(str(exc), status_code=exc.status)
         return Response(text, status_code=status, media_type=media_type)
 
     return endpoint

@@ -159,7 +159,7 @@ async def simulate_call(
         ws = await connect(
             connect_url,
             additional_headers=headers,
-            user_agent_header=f"duplexgate-sim ({carrier})",
+            user_agent_header=peer.ws_user_agent,
             compression=None,
             open_timeout=connect_timeout_s,
             max_size=2**20,
