@@ -89,9 +89,17 @@ def serve(directory: Path, config: Path) -> Iterator[Server]:
                 process.kill()
 
 
-def call(server: Server, caller: Path, output: Path) -> tuple[int, dict, str]:
+def call(server: Server, caller: Path, output: Path, carrier: str = "twilio") -> tuple[int, dict, str]:
+    """`duplexgate call --carrier carrier` against `server`: through its answer webhook, or straight to
+    its media stream for a carrier that has none (a PBX)."""
+    from gateway.carriers import registry
+
+    if registry()[carrier].peer.has_webhook:
+        target = ["--webhook", f"{server.url}/{carrier}/voice"]
+    else:
+        target = ["--url", f"{server.url.replace('http://', 'ws://')}/{carrier}/media"]
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "call", "--webhook", server.url + "/twilio/voice"]
+        [sys.executable, "-m", "gateway.cli", "call", "--carrier", carrier, *target]
         + ["--input", str(caller), "--output", str(output)],
         capture_output=True,
         text=True,

@@ -5,6 +5,7 @@ the network unless the operator says so twice."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
@@ -80,3 +81,16 @@ def test_several_carriers_are_served_side_by_side_and_numbers_map_whatever_the_c
     config = config_with({name: {} for name in CARRIERS})
     assert sorted(config.carriers) == CARRIERS
     assert config.agent_for("+15550002222").name == config.default_agent
+
+
+def test_the_example_configs_commented_carrier_sections_load_when_uncommented() -> None:
+    text = EXAMPLE_CONFIG.read_text()
+    start = text.index("# [signalwire]")
+    end = text.index("\n\n", start)
+    block = re.sub(r"^# ?", "", text[start:end], flags=re.M)
+    config = parse_config(
+        tomllib.loads(text[:start] + block + text[end:]),
+        source=str(EXAMPLE_CONFIG),
+        env={"ASTERISK_ARI_PASSWORD": "ari-secret"},
+    )
+    assert sorted(config.carriers) == CARRIERS  # every carrier is documented there
