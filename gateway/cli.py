@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from gateway.carriers import DEFAULT_CARRIER
+
 if TYPE_CHECKING:
     from gateway.agents.prompts import RolePrompt
     from gateway.config import GatewayConfig
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("duplexgate")
 
 WS_MAX_BYTES = 1 << 20
-# uvicorn's sans-I/O websockets protocol: at 120 simulated Twilio calls it lost no frames and cut p99 from
+# uvicorn's sans-I/O websockets protocol: at 120 simulated calls it lost no frames and cut p99 from
 # 167 to 28 ms against the default implementation (python -m bench.load --ws ..., same machine, same run)
 WS_IMPLEMENTATION = "websockets-sansio"  # hard cap in the server; the app itself drops messages over 64 KiB
 
@@ -48,14 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     call = commands.add_parser("call", help="place a simulated carrier call against a running gateway")
     call.add_argument(
-        "--carrier", default="twilio", help="the carrier whose protocol to speak (default twilio)"
+        "--carrier",
+        default=DEFAULT_CARRIER,
+        help=f"the carrier whose protocol to speak (default {DEFAULT_CARRIER})",
     )
-    call.add_argument("--url", help="media-stream WebSocket, e.g. ws://127.0.0.1:8080/twilio/media")
+    call.add_argument("--url", help="media-stream WebSocket, e.g. ws://127.0.0.1:8080/<carrier>/media")
     call.add_argument("--input", required=True, help="caller audio: 16-bit PCM wav at any rate")
     call.add_argument("--output", required=True, help="where to write what the caller heard (wav)")
     call.add_argument("--output-rate", type=int, choices=(8000, 24000), default=24000)
     call.add_argument(
-        "--webhook", help="voice webhook to answer the call first, e.g. http://HOST:PORT/twilio/voice"
+        "--webhook", help="answer webhook to request first, e.g. http://HOST:PORT/<carrier>/voice"
     )
     call.add_argument("--from", dest="caller", default="+15550001111", help="caller number (From)")
     call.add_argument("--to", dest="called", default="+15550002222", help="called number (To)")

@@ -35,7 +35,6 @@ with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-CHUNK_S = 0.02  # Twilio-style carriers send 20 ms per media message
 
 
 @dataclass
