@@ -36,7 +36,6 @@ with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu
     import audioop
 
 
-
 @dataclass
 class SimCallSummary:
     """What one simulated call saw. Times are seconds; `heard` is the caller's ear at 8 kHz int16."""
