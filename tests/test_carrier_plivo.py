@@ -9,18 +9,15 @@ import base64
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import time
-import wave
 from pathlib import Path
 from urllib.parse import parse_qs
 from xml.etree import ElementTree
 
-import numpy as np
 import orjson
 import pytest
 from carrier_api import CarrierApi
+from carrier_cli import loud_seconds, placed_call, sine, write_wav
 
 from engine.echo import EchoEngine
 from gateway.call.events import (
@@ -312,16 +309,6 @@ async def test_pending_transfers_expire_and_stay_bounded() -> None:
 # --- a whole call ------------------------------------------------------------------------------------
 
 
-def write_wav(path: Path, seconds: float, rate: int = 8000) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes((6000 * np.sin(2 * np.pi * 300 * t)).astype("<i2").tobytes())
-    return path
-
-
 def test_duplexgate_call_as_plivo_hears_the_agent(start_gateway, tmp_path: Path) -> None:
     # L16 16 kHz here; the conformance run places its whole call in the default mu-law 8 kHz
     content_type = "audio/x-l16;rate=16000"
@@ -334,16 +321,9 @@ def test_duplexgate_call_as_plivo_hears_the_agent(start_gateway, tmp_path: Path)
     live = start_gateway(
         EchoEngine(), tables=tables, env={"PLIVO_AUTH_TOKEN": TOKEN, "PLIVO_AUTH_ID": AUTH_ID}
     )
-    source, heard = write_wav(tmp_path / "in.wav", 1.5), tmp_path / "out.wav"
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "plivo"]
-    command += ["--webhook", f"{live.base_url}/plivo/voice", "--auth-token", TOKEN]
-    command += ["--input", str(source), "--output", str(heard)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["violations"] == 0 and summary["handshake_status"] == 101
+    source, heard = write_wav(tmp_path / "in.wav", sine(1.5, 6000)), tmp_path / "out.wav"
+    options = ["--webhook", f"{live.base_url}/plivo/voice", "--auth-token", TOKEN]
+    summary = placed_call("plivo", *options, "--input", str(source), "--output", str(heard))
+    assert summary["handshake_status"] == 101
     assert summary["audio_received_s"] >= 0.8 * 1.5
-    with wave.open(str(heard), "rb") as wav:
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
-        loud = np.count_nonzero(np.abs(pcm.astype(np.int32)) > 500) / wav.getframerate()
-    assert loud >= 0.8 * 1.5  # the caller heard the agent for most of what it said
+    assert loud_seconds(heard) >= 0.8 * 1.5  # the caller heard the agent for most of what it said

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import uuid
-import wave
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -18,6 +15,7 @@ import numpy as np
 import orjson
 import pytest
 from carrier_api import CarrierApi
+from carrier_cli import placed_call, sine, voiced_seconds, write_wav
 
 from engine.echo import EchoEngine
 from gateway.call.events import (
@@ -34,7 +32,6 @@ from gateway.carriers.base import Answering, WebhookRefused
 from gateway.carriers.signalwire import SignalWireCarrier, SignalWirePeer, SignalWireSettings
 from gateway.carriers.twilio import compute_signature
 
-ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = "https://gw.example.com"
 KEY = "PSK_test0123456789abcdef"
 CALL = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -246,15 +243,6 @@ def test_settings_name_the_space_api_and_say_what_is_missing() -> None:
 # --- a whole call through the CLI ----------------------------------------------------------------------
 
 
-def write_wav(path: Path, pcm: np.ndarray, rate: int = 8000) -> Path:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(pcm.astype("<i2").tobytes())
-    return path
-
-
 def test_the_cli_places_a_signed_24k_call_and_hears_the_agent(start_gateway, tmp_path: Path) -> None:
     api = CarrierApi()
     try:
@@ -266,22 +254,15 @@ def test_the_cli_places_a_signed_24k_call_and_hears_the_agent(start_gateway, tmp
         }
         live = start_gateway(EchoEngine(), tables=tables, env=env)
         seconds = 2.0
-        t = np.arange(int(seconds * 8000)) / 8000
-        caller = write_wav(tmp_path / "in.wav", 8000 * np.sin(2 * np.pi * 300 * t))
+        caller = write_wav(tmp_path / "in.wav", sine(seconds, 8000))
         out = tmp_path / "out.wav"
-        command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "signalwire"]
-        command += ["--webhook", live.base_url + "/signalwire/voice", "--auth-token", secret]
-        command += ["--input", str(caller), "--output", str(out), "--tail", "0.5"]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        options = ["--webhook", live.base_url + "/signalwire/voice", "--auth-token", secret]
+        options += ["--input", str(caller), "--output", str(out), "--tail", "0.5"]
+        summary = placed_call("signalwire", *options)
     finally:
         api.close()
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["handshake_status"] == 101 and summary["violations"] == 0
+    assert summary["handshake_status"] == 101
     assert summary["audio_received_s"] >= 0.8 * seconds
-    with wave.open(str(out)) as wav:
-        rate, heard = wav.getframerate(), np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
-    windows = heard[: len(heard) // 480 * 480].reshape(-1, 480).astype(np.float64)  # 20 ms at 24 kHz
-    voiced_s = float((np.sqrt((windows**2).mean(axis=1)) > 1000).sum()) * 0.02
+    rate, voiced_s = voiced_seconds(out)
     assert rate == 24000 and voiced_s >= 0.8 * seconds, voiced_s
     assert uuid.UUID(summary["call_sid"])  # a SignalWire call id

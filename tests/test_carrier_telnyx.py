@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
-import wave
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -20,6 +17,7 @@ import numpy as np
 import orjson
 import pytest
 from carrier_api import CarrierApi
+from carrier_cli import cli_call, placed_call, sine, voiced_seconds, write_wav
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from engine.echo import EchoEngine
@@ -43,7 +41,6 @@ from gateway.carriers.telnyx import (
     sign,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = "https://gw.example.com"
 PRIVATE = Ed25519PrivateKey.generate()
 CALL_SID = "v3:9X2vxPDFY2RHSJ1EdMS0RHRksMTg7ldNxdjWbVr9zBjbGjGsSe-aiQ"
@@ -275,15 +272,6 @@ async def test_transfer_without_an_api_key_says_which_variable() -> None:
 # --- a whole call through the CLI ----------------------------------------------------------------------
 
 
-def write_wav(path: Path, pcm: np.ndarray, rate: int = 8000) -> Path:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(pcm.astype("<i2").tobytes())
-    return path
-
-
 def test_the_cli_places_a_signed_call_and_hears_the_agent(start_gateway, tmp_path: Path) -> None:
     table, env, secret = TelnyxPeer.conformance_setup("http://127.0.0.1:9")
     tables = {
@@ -293,22 +281,14 @@ def test_the_cli_places_a_signed_call_and_hears_the_agent(start_gateway, tmp_pat
     }
     live = start_gateway(EchoEngine(), tables=tables, env=env)
     seconds = 2.0
-    t = np.arange(int(seconds * 8000)) / 8000
-    caller = write_wav(tmp_path / "in.wav", 8000 * np.sin(2 * np.pi * 300 * t))
+    caller = write_wav(tmp_path / "in.wav", sine(seconds, 8000))
     out = tmp_path / "out.wav"
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "telnyx"]
-    command += ["--webhook", live.base_url + "/telnyx/voice", "--auth-token", secret]
-    command += ["--input", str(caller), "--output", str(out), "--tail", "0.5"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["handshake_status"] == 101 and summary["violations"] == 0
+    options = ["--webhook", live.base_url + "/telnyx/voice", "--auth-token", secret]
+    summary = placed_call("telnyx", *options, "--input", str(caller), "--output", str(out), "--tail", "0.5")
+    assert summary["handshake_status"] == 101
     assert summary["audio_received_s"] >= 0.8 * seconds
     assert summary["call_sid"].startswith("v3:")
-    with wave.open(str(out)) as wav:
-        rate, heard = wav.getframerate(), np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
-    windows = heard[: len(heard) // 480 * 480].reshape(-1, 480).astype(np.float64)  # 20 ms at 24 kHz
-    voiced_s = float((np.sqrt((windows**2).mean(axis=1)) > 1000).sum()) * 0.02
+    rate, voiced_s = voiced_seconds(out)
     assert rate == 24000 and voiced_s >= 0.8 * seconds, voiced_s
 
 
@@ -317,9 +297,7 @@ def test_a_forged_key_on_the_cli_is_refused(start_gateway, tmp_path: Path) -> No
     tables = {"telnyx": table, "agents": {"helper": {"voice": "demo", "prompt": "Hi."}}, "numbers": {}}
     live = start_gateway(EchoEngine(), tables=tables, env=env)
     caller = write_wav(tmp_path / "in.wav", np.zeros(1600))
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "telnyx"]
-    command += ["--webhook", live.base_url + "/telnyx/voice", "--auth-token", TelnyxPeer.forged_secret()]
-    command += ["--input", str(caller), "--output", str(tmp_path / "out.wav")]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    options = ["--webhook", live.base_url + "/telnyx/voice", "--auth-token", TelnyxPeer.forged_secret()]
+    done = cli_call("telnyx", *options, "--input", str(caller), "--output", str(tmp_path / "out.wav"))
     assert done.returncode == 1 and "403" in done.stderr and live.engine.opened == 0
     assert private_key_text(PRIVATE) != TelnyxPeer.forged_secret()

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
-import wave
 from pathlib import Path
 
 import jwt
@@ -17,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 from carrier_api import CarrierApi
+from carrier_cli import loud_seconds, placed_call, sine, write_wav
 
 from engine.echo import EchoEngine
 from gateway.call.events import (
@@ -233,30 +231,13 @@ async def test_a_transfer_puts_a_connect_ncco_with_an_application_jwt(target: st
     assert VonagePeer(CALL, "+1", "+2").check_transfer(request, target) != []  # another app's JWT
 
 
-def write_wav(path: Path, seconds: float, rate: int = 8000) -> Path:
-    t = np.arange(int(seconds * rate)) / rate
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes((6000 * np.sin(2 * np.pi * 300 * t)).astype("<i2").tobytes())
-    return path
-
-
 def test_duplexgate_call_as_vonage_hears_the_agent(start_gateway, tmp_path: Path) -> None:
     helper = {"voice": "demo", "prompt": "You are a helpful assistant."}
     tables = {"vonage": {}, "agents": {"helper": helper}, "numbers": {"default": "helper"}}
     live = start_gateway(EchoEngine(), tables=tables, env={"VONAGE_SIGNATURE_SECRET": SECRET})
-    source, heard = write_wav(tmp_path / "in.wav", 1.5), tmp_path / "out.wav"
-    command = [sys.executable, "-m", "gateway.cli", "call", "--carrier", "vonage"]
-    command += ["--webhook", f"{live.base_url}/vonage/voice", "--auth-token", SECRET]
-    command += ["--input", str(source), "--output", str(heard)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert summary["violations"] == 0 and summary["handshake_status"] == 101
+    source, heard = write_wav(tmp_path / "in.wav", sine(1.5, 6000)), tmp_path / "out.wav"
+    options = ["--webhook", f"{live.base_url}/vonage/voice", "--auth-token", SECRET]
+    summary = placed_call("vonage", *options, "--input", str(source), "--output", str(heard))
+    assert summary["handshake_status"] == 101
     assert summary["audio_received_s"] >= 0.8 * 1.5
-    with wave.open(str(heard), "rb") as wav:
-        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
-        loud = np.count_nonzero(np.abs(pcm.astype(np.int32)) > 500) / wav.getframerate()
-    assert loud >= 0.8 * 1.5  # the caller heard the agent for most of what it said
+    assert loud_seconds(heard) >= 0.8 * 1.5  # the caller heard the agent for most of what it said

@@ -84,6 +84,7 @@ from gateway.carriers.base import (
     basic_header,
     rest_request,
 )
+from gateway.carriers.wire import compact, dtmf_digit, guarded
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,6 @@ FORMATS = {
     "slin16": MediaFormat("l16", 16000),
     "slin24": MediaFormat("l16", 24000),  # GUESS: not shown in chan_websocket's docs
 }
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 MAX_MEDIA_BYTES = 65_500  # a bigger message makes Asterisk close the socket and hang up
 QUIET_EVENTS = frozenset({"MEDIA_XON", "STATUS", "QUEUE_DRAINED", "MEDIA_BUFFERING_COMPLETED"})
 CALLER_VARIABLE = "DUPLEXGATE_CALLER"  # inherited channel variables the dialplan sets before Dial()
@@ -144,12 +144,7 @@ class AsteriskStream(CarrierStream):
         self._warned_xoff = False
 
     def parse(self, message: str | bytes) -> CallEvent | None:
-        try:
-            return self._parse(message)
-        except MalformedMessage:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape no check foresaw: junk
-            raise MalformedMessage(f"unreadable message ({type(exc).__name__}: {exc})") from None
+        return guarded(self._parse, message)
 
     def _parse(self, message: str | bytes) -> CallEvent | None:
         if isinstance(message, bytes):  # first: fifty of these a second per call
@@ -172,10 +167,7 @@ class AsteriskStream(CarrierStream):
                 raise MalformedMessage("MEDIA_MARK_PROCESSED without a correlation_id")
             return MarkPlayed(name=name)
         if event == "DTMF_END":
-            digit = data.get("digit")
-            if not isinstance(digit, str) or digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"DTMF_END digit {str(digit)[:8]!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            return DtmfPressed(digit=dtmf_digit(data.get("digit"), "DTMF_END digit", clip=8))
         if event == "MEDIA_START":
             return self._parse_start(data)
         if event == "MEDIA_XOFF":
@@ -223,13 +215,13 @@ class AsteriskStream(CarrierStream):
         return [payload]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_compact({"command": "MARK_MEDIA", "correlation_id": name})]
+        return [compact({"command": "MARK_MEDIA", "correlation_id": name})]
 
     def clear(self) -> Sequence[str]:
-        return [_compact({"command": "FLUSH_MEDIA"})]
+        return [compact({"command": "FLUSH_MEDIA"})]
 
     def end(self, reason: str) -> Sequence[str]:
-        return [_compact({"command": "HANGUP"})]
+        return [compact({"command": "HANGUP"})]
 
 
 class AsteriskCarrier(Carrier):
@@ -284,10 +276,6 @@ class AsteriskCarrier(Carrier):
 
 def hmac_equal(given: str, expected: str) -> bool:
     return secrets.compare_digest(given.encode(), expected.encode())
-
-
-def _compact(message: dict[str, Any]) -> str:
-    return orjson.dumps(message).decode()
 
 
 # --- the carrier's side, for the simulator ----------------------------------------------------------
@@ -350,16 +338,16 @@ class AsteriskPeer(CarrierPeer):
                 "MEDIA_WEBSOCKET_CONNECTION_ID": self.stream_id,
             },
         }
-        return [_compact(start)]
+        return [compact(start)]
 
     def media(self, payload: bytes, n: int) -> bytes:
         return payload
 
     def dtmf(self, digit: str) -> str:
-        return _compact({"event": "DTMF_END", "channel_id": self.call_id, "digit": digit})
+        return compact({"event": "DTMF_END", "channel_id": self.call_id, "digit": digit})
 
     def played(self, name: str) -> str:
-        return _compact({"event": "MEDIA_MARK_PROCESSED", "channel_id": self.call_id, "correlation_id": name})
+        return compact({"event": "MEDIA_MARK_PROCESSED", "channel_id": self.call_id, "correlation_id": name})
 
     def read(self, message: str | bytes) -> Outbound:
         if isinstance(message, bytes):

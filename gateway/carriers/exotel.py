@@ -31,8 +31,6 @@ Size: the protocol both ways (the gateway's dialect and the simulated Exotel tha
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import logging
 import re
@@ -70,12 +68,27 @@ from gateway.carriers.base import (
     basic_credentials,
     basic_header,
 )
+from gateway.carriers.wire import (
+    b64,
+    compact,
+    dtmf_digit,
+    guarded,
+    media_payload,
+    optional_text,
+    section,
+    sent_event,
+    sent_mark,
+    sent_object,
+    sent_payload,
+    text,
+    text_object,
+    timestamp_ms,
+)
 
 log = logging.getLogger(__name__)
 
 RATE_PARAMETER = "sample-rate"  # Exotel reads the stream's rate from this query parameter
 RATES = (8000, 16000, 24000)
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 OUTBOUND_UNIT = 320  # Exotel plays outbound audio in multiples of this many bytes, else with gaps
 MAX_OUTBOUND_BYTES = 100_000
 # Identifiers become log fields and store keys: only plain ones pass.
@@ -101,22 +114,10 @@ class ExotelStream(CarrierStream):
     sample_bytes = 2  # bytes per sample of the stream's encoding (16-bit PCM unless start says mu-law)
 
     def parse(self, message: str | bytes) -> CallEvent:
-        try:
-            return self._parse(message)
-        except MalformedMessage:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape no check foresaw: junk
-            raise MalformedMessage(f"unreadable message ({type(exc).__name__}: {exc})") from None
+        return guarded(self._parse, message)
 
     def _parse(self, message: str | bytes) -> CallEvent:
-        if not isinstance(message, str):
-            raise MalformedMessage("binary frame (Exotel streams are JSON text only)")
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedMessage("JSON is not an object")
+        data = text_object(message, "Exotel streams")
         event = data.get("event")
         if event == "media":  # first: ten of these a second per call
             return _parse_media(data, self.sample_bytes)
@@ -126,12 +127,10 @@ class ExotelStream(CarrierStream):
             self.sample_bytes = 1 if started.media_format.encoding == "mulaw" else 2
             return started
         if event == "mark":
-            return MarkPlayed(name=_text(_section(data, "mark"), "mark.name", "name"))
+            return MarkPlayed(name=text(section(data, "mark"), "mark.name", "name"))
         if event == "dtmf":
-            digit = _text(_section(data, "dtmf"), "dtmf.digit", "digit")
-            if digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"dtmf.digit {digit[:8]!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            digit = text(section(data, "dtmf"), "dtmf.digit", "digit")
+            return DtmfPressed(digit=dtmf_digit(digit, "dtmf.digit", clip=8))
         if event == "stop":
             return CallStopped(reason="stop")
         if event == "connected":
@@ -139,8 +138,8 @@ class ExotelStream(CarrierStream):
         raise MalformedMessage(f"unknown event {str(event)[:40]!r}")
 
     def _parse_start(self, data: dict[str, Any]) -> CallStarted:
-        start = _section(data, "start")
-        call_id = _text(start, "start.call_sid", "call_sid")
+        start = section(data, "start")
+        call_id = text(start, "start.call_sid", "call_sid")
         if not SID.fullmatch(call_id):
             raise MalformedMessage(f"start.call_sid {call_id[:40]!r} is not a call SID")
         stream_id = start.get("stream_sid", data.get("stream_sid"))
@@ -158,8 +157,8 @@ class ExotelStream(CarrierStream):
         return CallStarted(
             call_id=call_id,
             stream_id=stream_id,
-            caller=_optional_text(start, "from"),
-            called=_optional_text(start, "to"),
+            caller=optional_text(start, "from", limit=64),
+            called=optional_text(start, "to", limit=64),
             custom_parameters=merged,
             media_format=self._media_format(start.get("media_format")),
             account_id=account or None,
@@ -189,14 +188,13 @@ class ExotelStream(CarrierStream):
 
     def audio(self, payload: bytes) -> Sequence[str]:
         # 80 ms of 16-bit PCM at 8/16/24 kHz is 4, 8 or 12 times Exotel's 320-byte unit: sent as it comes.
-        b64 = base64.b64encode(payload).decode("ascii")
-        return [_compact({"event": "media", "stream_sid": self.stream_id, "media": {"payload": b64}})]
+        return [compact({"event": "media", "stream_sid": self.stream_id, "media": {"payload": b64(payload)}})]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_compact({"event": "mark", "stream_sid": self.stream_id, "mark": {"name": name}})]
+        return [compact({"event": "mark", "stream_sid": self.stream_id, "mark": {"name": name}})]
 
     def clear(self) -> Sequence[str]:
-        return [_compact({"event": "clear", "stream_sid": self.stream_id})]
+        return [compact({"event": "clear", "stream_sid": self.stream_id})]
 
 
 class ExotelCarrier(Carrier):
@@ -255,7 +253,7 @@ class ExotelCarrier(Carrier):
             netloc = f"{quote(self.settings.api_key, safe='')}:{quote(self.secret, safe='')}@{netloc}"
         query = urlencode({RATE_PARAMETER: str(self.settings.sample_rate), TOKEN_PARAMETER: token})
         url = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-        return _compact({"url": url}), "application/json"
+        return compact({"url": url}), "application/json"
 
     # --- media stream --------------------------------------------------------------------------------
 
@@ -277,43 +275,12 @@ class ExotelCarrier(Carrier):
         )
 
 
-def _compact(message: dict[str, Any]) -> str:
-    return orjson.dumps(message).decode()
-
-
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    section = data.get(key)
-    if not isinstance(section, dict):
-        raise MalformedMessage(f"{str(data.get('event'))[:20]} message without a '{key}' object")
-    return section
-
-
-def _text(section: dict[str, Any], where: str, key: str) -> str:
-    value = section.get(key)
-    if not isinstance(value, str):
-        raise MalformedMessage(f"{where} missing or not a string")
-    return value
-
-
-def _optional_text(section: dict[str, Any], key: str) -> str | None:
-    value = section.get(key)
-    return value[:64] if isinstance(value, str) and value else None
-
-
 def _parse_media(data: dict[str, Any], sample_bytes: int) -> CallerAudio:
-    media = _section(data, "media")
-    try:
-        payload = base64.b64decode(_text(media, "media.payload", "payload"), validate=True)
-    except binascii.Error as exc:
-        raise MalformedMessage(f"media.payload is not base64: {exc}") from None
+    media = section(data, "media")  # only ever called for a "media" event, so the event needs no cut
+    payload = media_payload(media)
     if len(payload) % sample_bytes:
         raise MalformedMessage(f"media.payload of {len(payload)} bytes is not whole 16-bit samples")
-    timestamp = media.get("timestamp")
-    try:
-        timestamp_ms = int(timestamp) if timestamp is not None else None
-    except (TypeError, ValueError):
-        raise MalformedMessage(f"media.timestamp {str(timestamp)[:20]!r} is not a number") from None
-    return CallerAudio(payload=payload, timestamp_ms=timestamp_ms)
+    return CallerAudio(payload=payload, timestamp_ms=timestamp_ms(media, clip=20))
 
 
 # --- the carrier's side, for the simulator ----------------------------------------------------------
@@ -405,7 +372,7 @@ class ExotelPeer(CarrierPeer):
 
     def _event(self, message: dict[str, Any]) -> str:
         self.seq += 1
-        return _compact({"event": message.pop("event"), "sequence_number": str(self.seq), **message})
+        return compact({"event": message.pop("event"), "sequence_number": str(self.seq), **message})
 
     def opening(self, target: StreamTarget) -> list[str | bytes]:
         custom = {k: v for k, v in target.parameters.items() if k != RATE_PARAMETER}
@@ -423,7 +390,7 @@ class ExotelPeer(CarrierPeer):
             },
         }
         return [
-            _compact({"event": "connected"}),
+            compact({"event": "connected"}),
             self._event({"event": "start", "stream_sid": self.stream_id, "start": start}),
         ]
 
@@ -431,7 +398,7 @@ class ExotelPeer(CarrierPeer):
         media = {
             "chunk": str(n + 1),
             "timestamp": str(round(n * self.chunk_s * 1000)),
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": b64(payload),
         }
         return self._event({"event": "media", "stream_sid": self.stream_id, "media": media})
 
@@ -469,40 +436,17 @@ class ExotelPeer(CarrierPeer):
 
 def check_outbound(message: str | bytes, stream_sid: str) -> Outbound:
     """Validate one gateway -> Exotel message as Exotel would."""
-    if not isinstance(message, str):
-        raise Violation("binary frame (Exotel takes JSON text)")
-    try:
-        data = orjson.loads(message)
-    except orjson.JSONDecodeError:
-        raise Violation(f"not JSON: {message[:80]!r}") from None
-    if not isinstance(data, dict):
-        raise Violation("JSON is not an object")
-    event = data.get("event")
-    keys = _OUTBOUND_KEYS.get(event)  # type: ignore[arg-type]
-    if keys is None:
-        raise Violation(f"unknown event {event!r}")
-    if set(data) != keys:
-        raise Violation(f"{event}: fields {sorted(data)} != {sorted(keys)}")
-    if data["stream_sid"] != stream_sid:
-        raise Violation(f"{event}: wrong stream_sid {data['stream_sid']!r}")
+    data = sent_object(message, "Exotel takes JSON text")
+    event = sent_event(data, _OUTBOUND_KEYS, "stream_sid", stream_sid)
     if event == "media":
-        media = data["media"]
-        if not isinstance(media, dict) or set(media) != {"payload"} or not isinstance(media["payload"], str):
-            raise Violation(f"media: 'media' must be exactly {{'payload': str}}, got {media!r:.80}")
-        try:
-            payload = base64.b64decode(media["payload"], validate=True)
-        except binascii.Error:
-            raise Violation("media: payload is not base64") from None
+        payload = sent_payload(data)
         if not payload or len(payload) % OUTBOUND_UNIT or len(payload) > MAX_OUTBOUND_BYTES:
             raise Violation(f"media: {len(payload)} bytes is not a multiple of {OUTBOUND_UNIT} up to 100 KB")
         if payload[:4] == b"RIFF":
             raise Violation("media: payload has a wav header (it would play as noise)")
         return Outbound("media", payload=payload)
     if event == "mark":
-        mark = data["mark"]
-        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
-            raise Violation(f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}")
-        return Outbound("mark", name=mark["name"])
+        return sent_mark(data)
     return Outbound("clear")
 
 

@@ -41,7 +41,6 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
 import httpx
-import orjson
 
 from gateway.call.events import (
     CallerAudio,
@@ -65,12 +64,13 @@ from gateway.carriers.base import (
     StreamTarget,
     Violation,
     WebhookRefused,
+    basic_header,
     rest_request,
 )
+from gateway.carriers.wire import b64, compact, dtmf_digit, section, sent_text, text_object
 
 SIGNATURE_HEADER = "x-plivo-signature-v3"
 NONCE_HEADER = "x-plivo-signature-v3-nonce"
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 ENCODINGS = {"audio/x-mulaw": "mulaw", "audio/x-l16": "l16"}
 TRANSFER_TTL_S = 120.0  # a transfer's XML waits this long for Plivo to fetch it
 MAX_PENDING_TRANSFERS = 256  # the oldest is forgotten beyond this: the dict cannot grow without bound
@@ -111,17 +111,10 @@ class PlivoStream(CarrierStream):
         self.media_format = MediaFormat()
 
     def parse(self, message: str | bytes) -> CallEvent | None:
-        if not isinstance(message, str):
-            raise MalformedMessage("binary frame (Plivo audio streams are JSON text only)")
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedMessage("JSON is not an object")
+        data = text_object(message, "Plivo audio streams")
         event = data.get("event")
         if event == "media":  # first: 50 of these a second per call
-            payload = _section(data, "media").get("payload")
+            payload = section(data, "media").get("payload")
             try:
                 return CallerAudio(payload=base64.b64decode(payload, validate=True))  # type: ignore[arg-type]
             except (binascii.Error, TypeError, ValueError):
@@ -134,10 +127,7 @@ class PlivoStream(CarrierStream):
         if event == "clearedAudio":
             return None  # the acknowledgement of our clear: the call already dropped its marks
         if event == "dtmf":
-            digit = _section(data, "dtmf").get("digit")
-            if not isinstance(digit, str) or digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"dtmf.digit {digit!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            return DtmfPressed(digit=dtmf_digit(section(data, "dtmf").get("digit"), "dtmf.digit"))
         if event == "start":
             return self._start(data)
         if event == "stop":  # not documented; harmless to honour
@@ -145,7 +135,7 @@ class PlivoStream(CarrierStream):
         raise MalformedMessage(f"unknown event {str(event)[:40]!r}")
 
     def _start(self, data: dict[str, Any]) -> CallStarted:
-        start = _section(data, "start")
+        start = section(data, "start")
         call_id, stream_id = start.get("callId"), start.get("streamId")
         if not isinstance(call_id, str) or not CALL_UUID.fullmatch(call_id):
             raise MalformedMessage(f"start.callId {str(call_id)[:40]!r} is not a call UUID")
@@ -178,15 +168,15 @@ class PlivoStream(CarrierStream):
         media = {
             "contentType": content_type,
             "sampleRate": self.media_format.sample_rate,
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": b64(payload),
         }
-        return [_json({"event": "playAudio", "media": media})]
+        return [compact({"event": "playAudio", "media": media})]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_json({"event": "checkpoint", "streamId": self.stream_id, "name": name})]
+        return [compact({"event": "checkpoint", "streamId": self.stream_id, "name": name})]
 
     def clear(self) -> Sequence[str]:
-        return [_json({"event": "clearAudio", "streamId": self.stream_id})]
+        return [compact({"event": "clearAudio", "streamId": self.stream_id})]
 
 
 class PlivoCarrier(Carrier):
@@ -372,20 +362,9 @@ def _xml(root: ElementTree.Element) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="unicode")
 
 
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    section = data.get(key)
-    if not isinstance(section, dict):
-        raise MalformedMessage(f"{data.get('event')} message without a '{key}' object")
-    return section
-
-
 def _e164(number: str | None) -> str | None:
     """Plivo's bare E.164 digits as +E.164, as numbers are written everywhere else in the gateway."""
     return f"+{number}" if number and number.isdigit() else number
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 # --- the carrier's side, for the simulator ----------------------------------------------------------
@@ -443,7 +422,7 @@ class PlivoPeer(CarrierPeer):
 
     def _event(self, message: dict[str, Any]) -> str:
         self.seq += 1
-        return _json({**message, "sequenceNumber": self.seq})
+        return compact({**message, "sequenceNumber": self.seq})
 
     def opening(self, target: StreamTarget) -> list[str | bytes]:
         encoding = "audio/x-mulaw" if self.wire.encoding == "mulaw" else "audio/x-l16"
@@ -462,7 +441,7 @@ class PlivoPeer(CarrierPeer):
             "track": "inbound",
             "timestamp": str(round(n * self.chunk_s * 1000)),
             "chunk": n + 1,
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": b64(payload),
         }
         return self._event({"event": "media", "streamId": self.stream_id, "media": media})
 
@@ -478,12 +457,7 @@ class PlivoPeer(CarrierPeer):
         return self._event({"event": "clearedAudio", "streamId": self.stream_id})
 
     def read(self, message: str | bytes) -> Outbound:
-        if not isinstance(message, str):
-            raise Violation("binary frame (Plivo takes JSON text only)")
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            raise Violation(f"not JSON: {message[:80]!r}") from None
+        data = sent_text(message, "Plivo takes JSON text only")
         event = data.get("event") if isinstance(data, dict) else None
         if event == "playAudio" and set(data) == {"event", "media"}:
             media = data["media"]
@@ -529,8 +503,7 @@ class PlivoPeer(CarrierPeer):
         path = f"/v1/Account/{CONFORMANCE_AUTH_ID}/Call/{self.call_id}/"
         if (request["method"], request["path"]) != ("POST", path):
             problems.append(f"{request['method']} {request['path']} is not POST {path}")
-        basic = base64.b64encode(f"{CONFORMANCE_AUTH_ID}:{CONFORMANCE_TOKEN}".encode()).decode()
-        if request["headers"].get("authorization") != f"Basic {basic}":
+        if request["headers"].get("authorization") != basic_header(CONFORMANCE_AUTH_ID, CONFORMANCE_TOKEN):
             problems.append("no HTTP Basic auth with the auth id and token")
         form = {k: v[-1] for k, v in parse_qs(request["body"].decode()).items()}
         if form.get("legs") != "aleg" or form.get("aleg_method") != "POST" or not form.get("aleg_url"):

@@ -37,18 +37,17 @@ import httpx
 import orjson
 
 from gateway.call.events import CallEvent, CallStarted, MalformedMessage, MediaFormat
-from gateway.carriers.base import Answering, StreamTarget, WebhookRefused, rest_request
+from gateway.carriers.base import Answering, StreamTarget, WebhookRefused, basic_header, rest_request
 from gateway.carriers.twilio import (
     STREAM_SID,
     TwilioCarrier,
     TwilioPeer,
     TwilioSettings,
     TwilioStream,
-    _section,
-    _text,
     compute_signature,
     dial_twiml,
 )
+from gateway.carriers.wire import compact, section, text
 
 SIGNATURE_HEADERS = ("x-signalwire-signature", "x-twilio-signature")  # lower-case, as headers arrive
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -118,8 +117,8 @@ class SignalWireStream(TwilioStream):
 
     def _parse_start(self, data: dict[str, Any]) -> CallStarted:
         # Twilio's checks with SignalWire's id shapes; Twilio's own method hard-codes CA/AC ids.
-        start = _section(data, "start")
-        call_id = _text(start, "start.callSid", "callSid")
+        start = section(data, "start")
+        call_id = text(start, "start.callSid", "callSid")
         if not _UUID.fullmatch(call_id):
             raise MalformedMessage(f"start.callSid {call_id[:40]!r} is not a SignalWire call id (a UUID)")
         stream_id = start.get("streamSid", data.get("streamSid"))
@@ -157,7 +156,7 @@ def _unwrapped(message: str) -> str:
     except orjson.JSONDecodeError:
         return message
     if isinstance(data, dict) and "event" not in data and isinstance(data.get("rawEvent"), dict):
-        return orjson.dumps(data["rawEvent"]).decode()
+        return compact(data["rawEvent"])
     return message
 
 
@@ -315,8 +314,8 @@ class SignalWirePeer(TwilioPeer):
         path = f"/api/laml/2010-04-01/Accounts/{CONFORMANCE_PROJECT}/Calls/{self.call_id}.json"
         if (request["method"], request["path"]) != ("POST", path):
             problems.append(f"{request['method']} {request['path']} is not POST {path}")
-        basic = base64.b64encode(f"{CONFORMANCE_PROJECT}:{CONFORMANCE_API_TOKEN}".encode()).decode()
-        if request["headers"].get("authorization") != f"Basic {basic}":
+        basic = basic_header(CONFORMANCE_PROJECT, CONFORMANCE_API_TOKEN)
+        if request["headers"].get("authorization") != basic:
             problems.append("not HTTP Basic auth with the project id and API token")
         cxml = parse_qs(request["body"].decode()).get("Twiml", [""])[0]
         if f">{target}</" not in cxml or "<Dial>" not in cxml:

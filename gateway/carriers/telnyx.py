@@ -71,13 +71,27 @@ from gateway.carriers.base import (
     WebhookRefused,
     rest_request,
 )
+from gateway.carriers.wire import (
+    b64,
+    compact,
+    dtmf_digit,
+    guarded,
+    media_payload,
+    optional_text,
+    section,
+    sent_mark,
+    sent_payload,
+    sent_text,
+    text,
+    text_object,
+    timestamp_ms,
+)
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
 CALL_PARAMETER = "call_id"  # our <Parameter> carrying the webhook's CallSid into the stream's start
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 # Identifiers from the wire become log fields, store keys and REST paths: nothing that could leave a path.
 CALL_ID = re.compile(r"(?:v\d{1,3}:)?[A-Za-z0-9_-]{8,256}")  # v3:<base64url>; a bare UUID also passes
 STREAM_ID = re.compile(r"[A-Za-z0-9-]{1,64}")  # a UUID
@@ -145,22 +159,10 @@ class TelnyxStream(CarrierStream):
         self.wire = wire  # the codec the answer asked for, both ways
 
     def parse(self, message: str | bytes) -> CallEvent | None:
-        try:
-            return self._parse(message)
-        except MalformedMessage:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape no check foresaw: junk
-            raise MalformedMessage(f"unreadable message ({type(exc).__name__}: {exc})") from None
+        return guarded(self._parse, message)
 
     def _parse(self, message: str | bytes) -> CallEvent | None:
-        if not isinstance(message, str):
-            raise MalformedMessage("binary frame (Telnyx media streams are JSON text only)")
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedMessage("JSON is not an object")
+        data = text_object(message, "Telnyx media streams")
         event = data.get("event")
         if event == "media":  # first: ~50 of these a second per call
             return _parse_media(data)
@@ -169,12 +171,10 @@ class TelnyxStream(CarrierStream):
             self.stream_id = started.stream_id
             return started
         if event == "mark":
-            return MarkPlayed(name=_text(_section(data, "mark"), "mark.name", "name"))
+            return MarkPlayed(name=text(section(data, "mark"), "mark.name", "name"))
         if event == "dtmf":
-            digit = _text(_section(data, "dtmf"), "dtmf.digit", "digit")
-            if digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"dtmf.digit {digit!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            digit = text(section(data, "dtmf"), "dtmf.digit", "digit")
+            return DtmfPressed(digit=dtmf_digit(digit, "dtmf.digit"))
         if event == "stop":
             return CallStopped(reason="stop")
         if event == "connected":
@@ -185,8 +185,8 @@ class TelnyxStream(CarrierStream):
         raise MalformedMessage(f"unknown event {event!r}")
 
     def _parse_start(self, data: dict[str, Any]) -> CallStarted:
-        start = _section(data, "start")
-        control_id = _text(start, "start.call_control_id", "call_control_id")
+        start = section(data, "start")
+        control_id = text(start, "start.call_control_id", "call_control_id")
         if not CALL_ID.fullmatch(control_id):
             raise MalformedMessage(f"start.call_control_id {control_id[:40]!r} is not a call control id")
         stream_id = data.get("stream_id")
@@ -200,7 +200,7 @@ class TelnyxStream(CarrierStream):
             raise MalformedMessage(
                 f"start.custom_parameters.{CALL_PARAMETER} {call_id[:40]!r} is not a call id"
             )
-        fmt = _section(start, "media_format")
+        fmt = section(start, "media_format", "start")
         try:
             media = MediaFormat(
                 str(ENCODINGS.get(fmt.get("encoding"))), fmt.get("sample_rate"), fmt.get("channels", 1)
@@ -216,8 +216,8 @@ class TelnyxStream(CarrierStream):
         return CallStarted(
             call_id=call_id,
             stream_id=stream_id,
-            caller=_optional_text(start, "from"),
-            called=_optional_text(start, "to"),
+            caller=optional_text(start, "from"),
+            called=optional_text(start, "to"),
             custom_parameters=dict(params),
             media_format=media,
             account_id=user if isinstance(user, str) and user else None,
@@ -226,13 +226,13 @@ class TelnyxStream(CarrierStream):
 
     def audio(self, payload: bytes) -> Sequence[str]:
         # In rtp mode a payload is raw codec bytes, 20 ms to 30 s of them; the gateway sends 80 ms.
-        return [_compact({"event": "media", "media": {"payload": base64.b64encode(payload).decode("ascii")}})]
+        return [compact({"event": "media", "media": {"payload": b64(payload)}})]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_compact({"event": "mark", "stream_id": self.stream_id, "mark": {"name": name}})]
+        return [compact({"event": "mark", "stream_id": self.stream_id, "mark": {"name": name}})]
 
     def clear(self) -> Sequence[str]:
-        return [_compact({"event": "clear"})]
+        return [compact({"event": "clear"})]
 
 
 class TelnyxCarrier(Carrier):
@@ -333,44 +333,12 @@ def connect_stream_texml(stream_url: str, wire: MediaFormat, parameters: Mapping
     return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(response, encoding="unicode")
 
 
-def _compact(message: dict[str, Any]) -> str:
-    return orjson.dumps(message).decode()
-
-
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    section = data.get(key)
-    if not isinstance(section, dict):
-        raise MalformedMessage(f"{data.get('event', 'start')} message without a '{key}' object")
-    return section
-
-
-def _text(section: dict[str, Any], where: str, key: str) -> str:
-    value = section.get(key)
-    if not isinstance(value, str):
-        raise MalformedMessage(f"{where} missing or not a string")
-    return value
-
-
-def _optional_text(section: dict[str, Any], key: str) -> str | None:
-    value = section.get(key)
-    return value if isinstance(value, str) and value else None
-
-
 def _parse_media(data: dict[str, Any]) -> CallerAudio:
-    media = _section(data, "media")
+    media = section(data, "media")
     track = media.get("track", "inbound")
     if track not in ("inbound", "inbound_track"):  # our own audio coming back would be heard as the caller
         raise MalformedMessage(f"media.track {track!r} is not the caller's (inbound)")
-    try:
-        payload = base64.b64decode(_text(media, "media.payload", "payload"), validate=True)
-    except binascii.Error as exc:
-        raise MalformedMessage(f"media.payload is not base64: {exc}") from None
-    timestamp = media.get("timestamp")
-    try:
-        timestamp_ms = int(timestamp) if timestamp is not None else None
-    except (TypeError, ValueError):
-        raise MalformedMessage(f"media.timestamp {timestamp!r} is not a number") from None
-    return CallerAudio(payload=payload, timestamp_ms=timestamp_ms)
+    return CallerAudio(payload=media_payload(media), timestamp_ms=timestamp_ms(media))
 
 
 # --- the carrier's side, for the simulator ----------------------------------------------------------
@@ -468,7 +436,7 @@ class TelnyxPeer(CarrierPeer):
 
     def _event(self, event: str, **fields: Any) -> str:
         self.seq += 1
-        return _compact(
+        return compact(
             {"event": event, "sequence_number": str(self.seq), "stream_id": self.stream_id, **fields}
         )
 
@@ -488,14 +456,14 @@ class TelnyxPeer(CarrierPeer):
                 "channels": 1,
             },
         }
-        return [_compact({"event": "connected", "version": "1.0.0"}), self._event("start", start=start)]
+        return [compact({"event": "connected", "version": "1.0.0"}), self._event("start", start=start)]
 
     def media(self, payload: bytes, n: int) -> str:
         media = {
             "track": "inbound",
             "chunk": str(n + 1),
             "timestamp": str(round(n * self.chunk_s * 1000)),
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": b64(payload),
         }
         return self._event("media", media=media)
 
@@ -541,12 +509,7 @@ class TelnyxPeer(CarrierPeer):
 
 def check_outbound(message: str | bytes, stream_id: str, wire: MediaFormat) -> Outbound:
     """Validate one gateway -> Telnyx message as Telnyx would in rtp mode."""
-    if not isinstance(message, str):
-        raise Violation("binary frame (Telnyx takes JSON text)")
-    try:
-        data = orjson.loads(message)
-    except orjson.JSONDecodeError:
-        raise Violation(f"not JSON: {message[:80]!r}") from None
+    data = sent_text(message, "Telnyx takes JSON text")
     if not isinstance(data, dict) or data.get("event") not in _OUTBOUND_KEYS:
         raise Violation(f"not a Telnyx command: {message[:80]!r}")
     event = data["event"]
@@ -556,23 +519,14 @@ def check_outbound(message: str | bytes, stream_id: str, wire: MediaFormat) -> O
     if "stream_id" in data and data["stream_id"] != stream_id:
         raise Violation(f"{event}: wrong stream_id {data['stream_id']!r}")
     if event == "media":
-        media = data["media"]
-        if not isinstance(media, dict) or set(media) != {"payload"} or not isinstance(media["payload"], str):
-            raise Violation(f"media: 'media' must be exactly {{'payload': str}}, got {media!r:.80}")
-        try:
-            payload = base64.b64decode(media["payload"], validate=True)
-        except binascii.Error:
-            raise Violation("media: payload is not base64") from None
+        payload = sent_payload(data)
         if len(payload) < wire.bytes_per_second * 0.02 or len(payload) > wire.bytes_per_second * 30:
             raise Violation(f"media: {len(payload)} bytes is not 20 ms to 30 s of {wire}")
         if wire.encoding == "l16" and len(payload) % 2:
             raise Violation("media: L16 payload of an odd number of bytes")
         return Outbound("media", payload=payload)
     if event == "mark":
-        mark = data["mark"]
-        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
-            raise Violation(f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}")
-        return Outbound("mark", name=mark["name"])
+        return sent_mark(data)
     return Outbound("clear")
 
 

@@ -13,7 +13,6 @@ here beside the protocol both ways (the gateway's side and the simulated carrier
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -25,7 +24,6 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 from xml.etree import ElementTree
 
 import httpx
-import orjson
 
 from gateway.call.events import (
     CallerAudio,
@@ -51,9 +49,23 @@ from gateway.carriers.base import (
     WebhookRefused,
     rest_request,
 )
+from gateway.carriers.wire import (
+    b64,
+    compact,
+    dtmf_digit,
+    guarded,
+    media_payload,
+    section,
+    sent_event,
+    sent_mark,
+    sent_object,
+    sent_payload,
+    text,
+    text_object,
+    timestamp_ms,
+)
 
 SIGNATURE_HEADER = "x-twilio-signature"
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 _DEFAULT_PORTS = {"https": 443, "wss": 443, "http": 80, "ws": 80}
 _MAX_PARAMETER_CHARS = 500  # Twilio: name + value of one <Parameter> must stay under this
 # Identifiers from the wire become log fields, store keys and REST paths: only their documented shapes pass.
@@ -92,22 +104,10 @@ class TwilioStream(CarrierStream):
     encodings: ClassVar[Mapping[str, str]] = {"audio/x-mulaw": "mulaw"}  # the only encoding Twilio streams
 
     def parse(self, message: str | bytes) -> CallEvent:
-        try:
-            return self._parse(message)
-        except MalformedMessage:
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a shape no check foresaw: junk
-            raise MalformedMessage(f"unreadable message ({type(exc).__name__}: {exc})") from None
+        return guarded(self._parse, message)
 
     def _parse(self, message: str | bytes) -> CallEvent:
-        if not isinstance(message, str):
-            raise MalformedMessage("binary frame (Twilio media streams are JSON text only)")
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedMessage("JSON is not an object")
+        data = text_object(message, "Twilio media streams")
         event = data.get("event")
         if event == "media":  # first: ~50 of these a second per call
             return _parse_media(data)
@@ -116,12 +116,10 @@ class TwilioStream(CarrierStream):
             self.stream_id = started.stream_id
             return started
         if event == "mark":
-            return MarkPlayed(name=_text(_section(data, "mark"), "mark.name", "name"))
+            return MarkPlayed(name=text(section(data, "mark"), "mark.name", "name"))
         if event == "dtmf":
-            digit = _text(_section(data, "dtmf"), "dtmf.digit", "digit")
-            if digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"dtmf.digit {digit!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            digit = text(section(data, "dtmf"), "dtmf.digit", "digit")
+            return DtmfPressed(digit=dtmf_digit(digit, "dtmf.digit"))
         if event == "stop":
             return CallStopped(reason="stop")
         if event == "connected":
@@ -129,8 +127,8 @@ class TwilioStream(CarrierStream):
         raise MalformedMessage(f"unknown event {event!r}")
 
     def _parse_start(self, data: dict[str, Any]) -> CallStarted:
-        start = _section(data, "start")
-        call_id = _text(start, "start.callSid", "callSid")
+        start = section(data, "start")
+        call_id = text(start, "start.callSid", "callSid")
         if not CALL_SID.fullmatch(call_id):
             raise MalformedMessage(
                 f"start.callSid {call_id[:40]!r} is not a Twilio call SID (CA + 32 hex digits)"
@@ -164,14 +162,13 @@ class TwilioStream(CarrierStream):
         )
 
     def audio(self, payload: bytes) -> Sequence[str]:
-        b64 = base64.b64encode(payload).decode("ascii")
-        return [_compact({"event": "media", "streamSid": self.stream_id, "media": {"payload": b64}})]
+        return [compact({"event": "media", "streamSid": self.stream_id, "media": {"payload": b64(payload)}})]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_compact({"event": "mark", "streamSid": self.stream_id, "mark": {"name": name}})]
+        return [compact({"event": "mark", "streamSid": self.stream_id, "mark": {"name": name}})]
 
     def clear(self) -> Sequence[str]:
-        return [_compact({"event": "clear", "streamSid": self.stream_id})]
+        return [compact({"event": "clear", "streamSid": self.stream_id})]
 
 
 class TwilioCarrier(Carrier):
@@ -342,40 +339,12 @@ def _xml(root: ElementTree.Element) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="unicode")
 
 
-def _compact(message: dict[str, Any]) -> str:
-    # orjson: about a fifth of the per-message cost of the codec path (bench/codec.py)
-    return orjson.dumps(message).decode()
-
-
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    section = data.get(key)
-    if not isinstance(section, dict):
-        raise MalformedMessage(f"{data.get('event')} message without a '{key}' object")
-    return section
-
-
-def _text(section: dict[str, Any], where: str, key: str) -> str:
-    value = section.get(key)
-    if not isinstance(value, str):
-        raise MalformedMessage(f"{where} missing or not a string")
-    return value
-
-
 def _parse_media(data: dict[str, Any]) -> CallerAudio:
-    media = _section(data, "media")
+    media = section(data, "media")
     track = media.get("track", "inbound")
     if track != "inbound":
         raise MalformedMessage(f"media.track {track!r} on a bidirectional stream (only 'inbound' is sent)")
-    try:
-        payload = base64.b64decode(_text(media, "media.payload", "payload"), validate=True)
-    except binascii.Error as exc:
-        raise MalformedMessage(f"media.payload is not base64: {exc}") from None
-    timestamp = media.get("timestamp")
-    try:
-        timestamp_ms = int(timestamp) if timestamp is not None else None
-    except (TypeError, ValueError):
-        raise MalformedMessage(f"media.timestamp {timestamp!r} is not a number") from None
-    return CallerAudio(payload=payload, timestamp_ms=timestamp_ms)
+    return CallerAudio(payload=media_payload(media), timestamp_ms=timestamp_ms(media))
 
 
 # --- the carrier's side, for the simulator ----------------------------------------------------------
@@ -432,7 +401,7 @@ class TwilioPeer(CarrierPeer):
     def _event(self, message: dict[str, Any]) -> str:
         self.seq += 1
         message["sequenceNumber"] = str(self.seq)
-        return orjson.dumps(message).decode()
+        return compact(message)
 
     def opening(self, target: StreamTarget) -> list[str | bytes]:
         start = {
@@ -448,7 +417,7 @@ class TwilioPeer(CarrierPeer):
             },
         }
         return [
-            orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode(),
+            compact({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
             self._event({"event": "start", "start": start, "streamSid": self.stream_id}),
         ]
 
@@ -457,7 +426,7 @@ class TwilioPeer(CarrierPeer):
             "track": "inbound",
             "chunk": str(n + 1),
             "timestamp": str(round(n * self.chunk_s * 1000)),
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": b64(payload),
         }
         return self._event({"event": "media", "media": media, "streamSid": self.stream_id})
 
@@ -519,40 +488,17 @@ async def fetch_twiml(
 
 def check_outbound(message: str | bytes, stream_sid: str) -> Outbound:
     """Validate one gateway -> Twilio message as Twilio would."""
-    if not isinstance(message, str):
-        raise Violation("binary frame (Twilio error 31950)")
-    try:
-        data = orjson.loads(message)
-    except orjson.JSONDecodeError:
-        raise Violation(f"not JSON: {message[:80]!r}") from None
-    if not isinstance(data, dict):
-        raise Violation("JSON is not an object")
-    event = data.get("event")
-    keys = _OUTBOUND_KEYS.get(event)  # type: ignore[arg-type]
-    if keys is None:
-        raise Violation(f"unknown event {event!r}")
-    if set(data) != keys:
-        raise Violation(f"{event}: fields {sorted(data)} != {sorted(keys)}")
-    if data["streamSid"] != stream_sid:
-        raise Violation(f"{event}: wrong streamSid {data['streamSid']!r}")
+    data = sent_object(message, "Twilio error 31950")
+    event = sent_event(data, _OUTBOUND_KEYS, "streamSid", stream_sid)
     if event == "media":
-        media = data["media"]
-        if not isinstance(media, dict) or set(media) != {"payload"} or not isinstance(media["payload"], str):
-            raise Violation(f"media: 'media' must be exactly {{'payload': str}}, got {media!r:.80}")
-        try:
-            payload = base64.b64decode(media["payload"], validate=True)
-        except binascii.Error:
-            raise Violation("media: payload is not base64") from None
+        payload = sent_payload(data)
         if not payload:
             raise Violation("media: empty payload")
         if payload[:4] in (b"RIFF", b".snd"):
             raise Violation("media: payload has a file header (it would play as noise)")
         return Outbound("media", payload=payload)
     if event == "mark":
-        mark = data["mark"]
-        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
-            raise Violation(f"mark: 'mark' must be exactly {{'name': str}}, got {mark!r:.80}")
-        return Outbound("mark", name=mark["name"])
+        return sent_mark(data)
     return Outbound("clear")
 
 

@@ -66,9 +66,9 @@ from gateway.carriers.base import (
     WebhookRefused,
     rest_request,
 )
+from gateway.carriers.wire import compact, dtmf_digit, json_object, sent_json
 
 CALL_HEADER = "call_uuid"  # the NCCO header naming the call (Vonage's connected message need not say it)
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
 FRAME_S = 0.02  # Vonage's audio frame both ways
 MAX_JWT_AGE_S = 300  # a signed webhook older (or further in the future) than this is a replay or a bad clock
 APP_JWT_TTL_S = 300  # lifetime of the application JWT our REST calls carry
@@ -123,12 +123,7 @@ class VonageStream(CarrierStream):
             if not message or len(message) % 2:
                 raise MalformedMessage(f"a {len(message)}-byte audio frame (16-bit samples come in pairs)")
             return CallerAudio(payload=message)
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedMessage("JSON is not an object")
+        data = json_object(message)
         event = data.get("event")
         if event == "websocket:notify":
             payload = data.get("payload")
@@ -141,9 +136,7 @@ class VonageStream(CarrierStream):
         if event == "websocket:dtmf":
             nested = data.get("dtmf")
             digit = data.get("digit", nested.get("digit") if isinstance(nested, dict) else None)
-            if not isinstance(digit, str) or digit not in DTMF_DIGITS:
-                raise MalformedMessage(f"websocket:dtmf digit {digit!r} is not a DTMF key")
-            return DtmfPressed(digit=digit)
+            return DtmfPressed(digit=dtmf_digit(digit, "websocket:dtmf digit"))
         if event == "websocket:connected":
             return self._connected(data)
         raise MalformedMessage(f"unknown event {str(event)[:40]!r}")
@@ -173,10 +166,10 @@ class VonageStream(CarrierStream):
         return [payload[i : i + size] for i in range(0, len(payload), size)]
 
     def mark(self, name: str) -> Sequence[str]:
-        return [_json({"action": "notify", "payload": {"mark": name}})]
+        return [compact({"action": "notify", "payload": {"mark": name}})]
 
     def clear(self) -> Sequence[str]:
-        return [_json({"action": "clear"})]
+        return [compact({"action": "clear"})]
 
 
 class VonageCarrier(Carrier):
@@ -213,7 +206,7 @@ class VonageCarrier(Carrier):
                 raise WebhookRefused(400, "POSTed answer webhook is not JSON") from None
             if not isinstance(sent, dict):
                 raise WebhookRefused(400, "POSTed answer webhook is not a JSON object")
-            fields.update({k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in sent.items()})
+            fields.update({k: v if isinstance(v, str) else compact(v) for k, v in sent.items()})
         call_id = fields.get("uuid", "")
         if not CALL_UUID.fullmatch(call_id):
             raise WebhookRefused(400, "answer webhook without a call uuid")
@@ -226,7 +219,7 @@ class VonageCarrier(Carrier):
             "content-type": f"audio/l16;rate={self.settings.sample_rate}",
             "headers": {TOKEN_PARAMETER: token, CALL_HEADER: call.call_id},
         }
-        return _json([{"action": "connect", "endpoint": [endpoint]}]), "application/json"
+        return compact([{"action": "connect", "endpoint": [endpoint]}]), "application/json"
 
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
         return True  # Vonage signs no upgrade; the edge demands the call token when signatures are on
@@ -246,7 +239,7 @@ class VonageCarrier(Carrier):
             "PUT",
             f"{settings.api_base.rstrip('/')}/v1/calls/{uuid_}",
             what=f"{self.name} transfer of {uuid_}",
-            content=_json(transfer_body(target)),
+            content=compact(transfer_body(target)),
             headers={
                 "Authorization": f"Bearer {application_jwt(settings.application_id, settings.private_key)}",
                 "Content-Type": "application/json",
@@ -322,10 +315,6 @@ def _e164(number: str | None) -> str | None:
     return f"+{number}" if number and number.isdigit() else number
 
 
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
 # --- the carrier's side, for the simulator ----------------------------------------------------------
 
 
@@ -390,13 +379,13 @@ class VonagePeer(CarrierPeer):
             "event": "websocket:connected",
             "content-type": f"audio/l16;rate={self.wire.sample_rate}",
         }
-        return [_json({**connected, **target.parameters})]
+        return [compact({**connected, **target.parameters})]
 
     def media(self, payload: bytes, n: int) -> bytes:
         return payload
 
     def dtmf(self, digit: str) -> str:
-        return _json({"event": "websocket:dtmf", "digit": digit, "duration": 260})
+        return compact({"event": "websocket:dtmf", "digit": digit, "duration": 260})
 
     def read(self, message: str | bytes) -> Outbound:
         if isinstance(message, bytes):
@@ -405,10 +394,7 @@ class VonagePeer(CarrierPeer):
             if message[:4] == b"RIFF":
                 raise Violation("audio frame with a wav header (it would play as noise)")
             return Outbound("media", payload=message)
-        try:
-            data = orjson.loads(message)
-        except orjson.JSONDecodeError:
-            raise Violation(f"not JSON: {message[:80]!r}") from None
+        data = sent_json(message)
         if data == {"action": "clear"}:
             return Outbound("clear")
         if isinstance(data, dict) and set(data) == {"action", "payload"} and data["action"] == "notify":
@@ -418,10 +404,10 @@ class VonagePeer(CarrierPeer):
         raise Violation(f"not a Vonage action: {message[:120]!r}")
 
     def played(self, name: str) -> str:
-        return _json({"event": "websocket:notify", "payload": {"mark": name}})
+        return compact({"event": "websocket:notify", "payload": {"mark": name}})
 
     def cleared(self) -> str:
-        return _json({"event": "websocket:cleared"})
+        return compact({"event": "websocket:cleared"})
 
     @classmethod
     def conformance_setup(cls, api_base: str) -> tuple[dict[str, Any], dict[str, str], Any]:
