@@ -203,12 +203,11 @@ class CarrierCall:
     def __init__(self, name: str, audio_24k: np.ndarray) -> None:
         from gateway.call.events import CallStarted
         from gateway.carriers import carrier_class
-        from gateway.carriers.base import StreamTarget
 
         kind = carrier_class(name)
         self.name = name
         peer = kind.peer(None, "+15550001111", "+15550002222")
-        target = StreamTarget(f"wss://gw.example.com/{name}/media", {}, {"token": "0" * 48})
+        target = peer.target(f"wss://gw.example.com/{name}/media", {"token": "0" * 48})
         self.stream = kind(kind.settings_type(), "https://gw.example.com").open_stream({}, {})
         started = None
         for message in peer.opening(target):
