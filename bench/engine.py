@@ -37,6 +37,7 @@ from engine.model.mimi import Mimi  # noqa: E402
 from engine.model.quantizer import Codebook  # noqa: E402
 from engine.prompt import PromptPlan, plan_from_codes  # noqa: E402
 from engine.runner import AGENT_CODEBOOKS, BatchRunner, VoicePrefix  # noqa: E402
+from engine.scheduler import Scheduler  # noqa: E402
 
 FRAME_MS = 1000 * FRAME_S  # 80 ms: a step slower than this falls behind the call
 VOICE_FRAMES = 52  # ~4 s of voice prompt codes, as a published voice has
@@ -514,6 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row (default 3)")
     parser.add_argument("--prefill-repeats", type=int, default=5, help="timed prefills per row (default 5)")
+    parser.add_argument(
+        "--churn", type=float, default=0, help="seconds of the churn scenario (0: skip; the issue's is 30)"
+    )
+    parser.add_argument("--churn-calls", type=int, default=4, help="live calls in the churn scenario (4)")
     args = parser.parse_args(argv)
     if args.capacity < 1 or args.steps < 1 or args.warmup < 0 or args.prefill_repeats < 1 or args.threads < 1:
         parser.error("--capacity, --steps, --prefill-repeats and --threads must be >= 1, --warmup >= 0")
@@ -522,6 +527,106 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.clock == "cpu" and args.device.startswith("cuda"):
         parser.error("--clock cpu counts host CPU time only; use the wall clock with --device cuda")
     return args
+
+
+# ---- churn: live calls stepping while new calls are primed ----------------------------------------------
+
+
+@dataclass
+class ChurnRun:
+    intervals_ms: list[float]  # between a live call's consecutive agent frames
+    delays_ms: list[float]  # a frame's arrival -> its agent frame (the step included)
+    primes: int
+    chunks: int
+
+
+def churn_plans(cfg: ModelConfig, count: int, generator: torch.Generator) -> list[PromptPlan]:
+    """New calls' prompts: a voice of the usual length and 300-1000 text tokens (the issue's churn)."""
+    plans = []
+    for _ in range(count):
+        codes = torch.randint(0, cfg.lm.card, (VOICE_FRAMES, AGENT_CODEBOOKS), generator=generator)
+        tokens = int(torch.randint(300, 1001, (1,), generator=generator))
+        text_ids = torch.randint(4, cfg.lm.text_card, (tokens,), generator=generator).tolist()
+        plans.append(plan_from_codes(codes, text_ids, cfg.lm))
+    return plans
+
+
+def run_churn(
+    runner: BatchRunner, live: int, plans: list[PromptPlan], seconds: float, mode: str, device: torch.device
+) -> ChurnRun:
+    """`live` calls get a caller frame every 80 ms for `seconds`; every 2 s a new call's prime (`plans`, in
+    order) starts in slot `live`. Each tick's step and prime chunk really run, timed; the clock of arrivals
+    and deliveries is simulated from those times, so the figures are the engine's and not the host's
+    scheduling noise. mode: "none" (no new calls), "whole" (a prime runs in one piece before the next step,
+    as before chunked priming), "chunked" (the worker's scheduler)."""
+    watch = Stopwatch(device)
+    pcm, active, _ = step_inputs(runner, live, device)
+    scheduler, frames, every = Scheduler(), round(seconds / FRAME_S), round(2.0 / FRAME_S)
+    clock, delivered, result = 0.0, None, ChurnRun([], [], 0, 0)
+    job, queue, step_s = None, list(plans) if mode != "none" else [], None
+
+    def timed(work: Callable[..., object], *args: object) -> tuple[object, float]:
+        watch._sync()
+        start = time.perf_counter()
+        value = work(*args)
+        watch._sync()
+        return value, time.perf_counter() - start
+
+    for k in range(frames):
+        arrival = k * FRAME_S
+        if k % every == 0 and queue and job is None:
+            job = runner.begin_prefill(live, queue.pop(0))
+            result.primes += 1
+        if mode == "whole" and job is not None:  # the old way: the prime holds the next step back
+            clock = max(clock, arrival) + timed(runner.prefill, live, job.plan)[1]
+            job = None
+        seconds_step = timed(runner.step, pcm, active)[1]
+        step_s = seconds_step if step_s is None else 0.9 * step_s + 0.1 * seconds_step
+        done = max(clock, arrival) + seconds_step
+        if delivered is not None:
+            result.intervals_ms.append(1000 * (done - delivered))
+        result.delays_ms.append(1000 * (done - arrival))
+        delivered = clock = done
+        if mode == "chunked" and job is not None:
+            positions = scheduler.chunk_positions(job.remaining, live, step_s)
+            before = job.done
+            finished, chunk_s = timed(runner.prefill_chunk, job, positions)
+            scheduler.observe_chunk(job.done - before, chunk_s)
+            clock += chunk_s
+            result.chunks += 1
+            if finished:
+                runner.finish_prefill(job)
+                job = None
+    return result
+
+
+def print_churn(lm: LMModel, mimi: Mimi, cfg: ModelConfig, plan: PromptPlan, args, device) -> None:
+    live = args.churn_calls
+    runner = primed_runner(lm, mimi, live + 1, plan)
+    plans = churn_plans(cfg, int(args.churn / 2) + 1, torch.Generator().manual_seed(SEED + 7))
+    runs = {
+        mode: run_churn(runner, live, plans, args.churn, mode, device)
+        for mode in ("none", "whole", "chunked")
+    }
+    print(
+        f"\n5. churn: {live} live calls stepping while a new call with a 300-1000-token prompt is primed"
+        f" every 2 s for {args.churn:g} s"
+    )
+    print("   priming   interval p50  interval p99  interval max   delay p99   delay max   primes  chunks")
+    base = statistics.quantiles(runs["none"].intervals_ms, n=100, method="inclusive")[98]
+    for mode, run in runs.items():
+        q = statistics.quantiles(run.intervals_ms, n=100, method="inclusive")
+        d = statistics.quantiles(run.delays_ms, n=100, method="inclusive")
+        median = statistics.median(run.intervals_ms)
+        print(
+            f"   {mode:8s} {median:12.1f} {q[98]:13.1f} {max(run.intervals_ms):13.1f}"
+            f" {d[98]:11.1f} {max(run.delays_ms):11.1f} {run.primes:8d} {run.chunks:7d}   ms"
+        )
+    chunked = statistics.quantiles(runs["chunked"].intervals_ms, n=100, method="inclusive")[98]
+    print(
+        f"   chunked p99 interval / no-churn p99: {chunked / base:.2f} (target <= 1.25); chunked worst delay "
+        f"{max(runs['chunked'].delays_ms):.1f} ms (target <= 80)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -561,6 +666,8 @@ def main(argv: list[str] | None = None) -> None:
         print(check.line())
     if not checks:
         print("   none recorded for this device and size")
+    if args.churn > 0:
+        print_churn(lm, mimi, cfg, plan, args, device)
     if device.type == "cuda":
         print(f"\n   peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 

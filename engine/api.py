@@ -131,6 +131,10 @@ class EngineSession(Protocol):
         """Re-anchor the session on a fresh prompt (a long call about to lose its role prompt)."""
         ...
 
+    def reprime_token_budget(self) -> int:
+        """Role-prompt tokens a re-prime may take and still leave half the model's window to the call."""
+        ...
+
 
 class Engine(Protocol):
     """Serves many sessions from one model."""

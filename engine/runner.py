@@ -15,6 +15,9 @@ Step sizes: a step runs slots [0, n) for the smallest n in (1, 2, 4, ..., capaci
 active slot, and the worker hands out the lowest free slot, so a lightly loaded engine does light work.
 Each size has fixed shapes and reads its inputs from the runner's own buffers, so on CUDA each is recorded
 once as a CUDA graph and a step is a single launch.
+
+Size: the step, the prime (whole or in chunks between steps) and slot moves all read and write the same
+preallocated per-slot tensors; apart, each would reach into the others' buffers.
 """
 
 from __future__ import annotations
@@ -56,6 +59,23 @@ class VoicePrefix:
 class Prefill:
     first_pcm: torch.Tensor  # float32 [1920]: audio of the last prompt frame (the reference's first output)
     prefix: VoicePrefix | None  # to cache for the next session with this voice
+
+
+@dataclass
+class PrefillJob:
+    """A prime under way in one slot: its inputs, how many positions have run, and what they left."""
+
+    slot: int
+    plan: PromptPlan
+    inputs: torch.Tensor  # [1, length, dim] embedded prompt
+    positions: torch.Tensor  # [1, length]
+    done: int = 0  # positions run so far
+    prefix: VoicePrefix | None = None  # the voice positions' KV, once they have run (or were copied)
+    z: torch.Tensor | None = None  # the last position's hidden state, once it has run
+
+    @property
+    def remaining(self) -> int:
+        return self.plan.length - self.done
 
 
 @dataclass
@@ -149,36 +169,72 @@ class BatchRunner:
     def prefill(
         self, slot: int, plan: PromptPlan, prefix: VoicePrefix | None = None, one_pass: bool = True
     ) -> Prefill:
-        """Reset `slot` and prime it with the prompt, ready for its first live frame.
+        """Reset `slot` and prime it with the prompt, ready for its first live frame, in one piece
+        (`one_pass`) or position by position.
 
         `prefix` is the KV state of the plan's voice-only positions from an earlier session with the same
         voice; those positions are then copied instead of recomputed. The result carries that prefix (to
         cache) and the audio of the last prompt frame, which the reference emits as its first output.
         """
+        job = self.begin_prefill(slot, plan, prefix)
+        while not self.prefill_chunk(job, job.remaining if one_pass else 1):
+            pass
+        return self.finish_prefill(job)
+
+    @torch.inference_mode()
+    def begin_prefill(self, slot: int, plan: PromptPlan, prefix: VoicePrefix | None = None) -> PrefillJob:
+        """Reset `slot` and set up its prime, to be run in chunks between live steps (`prefill_chunk`),
+        then finished (`finish_prefill`). The slot is idle meanwhile, so live steps leave it untouched."""
         self.reset(slot)
         lm, device = self.lm, self.lm.device
         length = plan.length
-        kv = self.kv.rows(slot, slot + 1, visible=min(length, lm.cfg.context))
         inputs = lm.embed(plan.tokens.to(device)[None])
         if plan.embeddings is not None:
             inputs = torch.cat([plan.embeddings.to(device, lm.dtype)[None], inputs], dim=1)
-        cached = plan.voice_positions
-        positions = torch.arange(length, device=device)[None]
-        if not one_pass or length > lm.cfg.context:
-            # A prompt longer than the ring must see the ring wrap, position by position.
-            for p in range(length):
-                z = lm.temporal(inputs[:, p : p + 1], positions[:, p : p + 1], kv)[:, -1]
-            prefix = None
+        job = PrefillJob(slot, plan, inputs, torch.arange(length, device=device)[None])
+        if prefix is not None and length <= lm.cfg.context:
+            kv = self._prefill_kv(job)
+            cached = plan.voice_positions
+            kv.keys[:, 0, :, :cached] = prefix.keys
+            kv.values[:, 0, :, :cached] = prefix.values
+            kv.positions[0, :cached] = job.positions[0, :cached]
+            job.done, job.prefix = cached, prefix
+        return job
+
+    @torch.inference_mode()
+    def prefill_chunk(self, job: PrefillJob, positions: int) -> bool:
+        """Run the next `positions` prompt positions of `job` (at least one); True once all have run.
+
+        Exact at any chunking: every position attends to the same ring entries with the same mask as in a
+        one-pass prime, and only the last position's output is kept. A prompt longer than the ring must see
+        it wrap, so it runs one position at a time whatever the chunk."""
+        lm, length = self.lm, job.plan.length
+        kv = self._prefill_kv(job)
+        end = min(length, job.done + max(1, positions))
+        cached = job.plan.voice_positions
+        if job.prefix is None and job.done < cached < end and length <= lm.cfg.context:
+            end = cached  # stop at the voice's end, so its KV can be cached for the next session
+        if length > lm.cfg.context:
+            for p in range(job.done, end):
+                job.z = lm.temporal(job.inputs[:, p : p + 1], job.positions[:, p : p + 1], kv)[:, -1]
         else:
-            if prefix is None:
-                lm.temporal(inputs[:, :cached], positions[:, :cached], kv)
-                prefix = VoicePrefix(kv.keys[:, 0, :, :cached].clone(), kv.values[:, 0, :, :cached].clone())
-            else:
-                kv.keys[:, 0, :, :cached] = prefix.keys
-                kv.values[:, 0, :, :cached] = prefix.values
-                kv.positions[0, :cached] = positions[0, :cached]
-            z = lm.temporal(inputs[:, cached:], positions[:, cached:], kv)[:, -1]
-        return Prefill(self._finish_prompt(slot, z, plan), prefix)
+            span = slice(job.done, end)
+            job.z = lm.temporal(job.inputs[:, span], job.positions[:, span], kv)[:, -1]
+        job.done = end
+        if job.prefix is None and end == cached and length <= lm.cfg.context:
+            job.prefix = VoicePrefix(kv.keys[:, 0, :, :cached].clone(), kv.values[:, 0, :, :cached].clone())
+        return job.done >= length
+
+    @torch.inference_mode()
+    def finish_prefill(self, job: PrefillJob) -> Prefill:
+        """Finish a prime whose positions have all run: the slot is ready for its first live frame."""
+        if job.remaining or job.z is None:
+            raise RuntimeError(f"slot {job.slot}: prime finished with {job.remaining} positions left")
+        prefix = job.prefix if job.plan.length <= self.lm.cfg.context else None
+        return Prefill(self._finish_prompt(job.slot, job.z, job.plan), prefix)
+
+    def _prefill_kv(self, job: PrefillJob) -> KVRing:
+        return self.kv.rows(job.slot, job.slot + 1, visible=min(job.plan.length, self.lm.cfg.context))
 
     def _finish_prompt(self, slot: int, z: torch.Tensor, plan: PromptPlan) -> torch.Tensor:
         """Sample the first live position's text and agent cb0 from the last prompt position; put the

@@ -44,7 +44,8 @@ from engine.api import (
 )
 from engine.loading import CheckpointError, encode_role_prompt
 from engine.prompt import TEXT_PAD
-from engine.runner import BatchRunner, VoicePrefix
+from engine.runner import BatchRunner, PrefillJob, VoicePrefix
+from engine.scheduler import PrimeRequest, Scheduler, Tick
 from engine.voices import VoiceEmbeddings, load_voice
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,23 @@ class _Voice:
     prefix: VoicePrefix | None = None
 
 
+@dataclass
+class _Prime:
+    """A prime queued or under way: a new session's (`fresh`), or a live one's re-anchor."""
+
+    id: int
+    session: WorkerSession
+    text_ids: list[int]
+    done: asyncio.Future[None]
+    fresh: bool
+    job: PrefillJob | None = None
+    cancelled: bool = False  # its caller went away: dropped at the next tick boundary
+
+    @property
+    def remaining(self) -> int:
+        return self.job.remaining if self.job is not None else 1 << 20  # not planned yet: a whole chunk
+
+
 class WorkerSession:
     """One primed conversation in one slot (implements engine.api.EngineSession)."""
 
@@ -122,12 +140,14 @@ class WorkerSession:
         self.seed, self.slot, self.spec = seed, slot, spec
         self.prompt_positions = 0  # P: positions the prompt took; live frame i runs at position P + i
         self.text_start = 0  # position of the role prompt's first token
+        self.prompt_overhead = 0  # prompt positions that are not role-prompt tokens (voice, silences)
         self._worker = worker
         self._forced: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[np.ndarray] = collections.deque()
         self._outbox: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
         self._frames_out = 0
         self._slot_lock = asyncio.Lock()  # held while the slot's state is rewritten (reprime, move)
+        self._priming = False  # re-anchoring: its slot takes no step until the new prompt is in
         self.closed = False
         self.close_reason: str | None = None
 
@@ -173,6 +193,11 @@ class WorkerSession:
         self._forced.extend(tokens)
         return len(tokens)
 
+    def reprime_token_budget(self) -> int:
+        """Role-prompt tokens a re-prime may take and still leave half the window to the call: the window's
+        other half less the prompt's positions that are not role-prompt tokens (voice and silences)."""
+        return self._worker.context // 2 - self.prompt_overhead
+
     async def reprime(self, prompt: str) -> None:
         """Re-anchor a long call: prime this slot afresh with `prompt` (e.g. the role prompt plus what
         matters from the call so far), keeping the session, its seed and its frame numbering."""
@@ -182,7 +207,11 @@ class WorkerSession:
         self._forced.clear()
         frames_before = self._frames_out
         async with self._slot_lock:
-            await self._worker._run_on_model_thread(self._worker._prime, self, text_ids)
+            self._priming = True
+            try:
+                await self._worker._prime_between_steps(self, text_ids, fresh=False)
+            finally:
+                self._priming = False
         self.prompt_positions -= frames_before  # live frame numbering continues across the re-anchor
 
     def _deliver(self, pcm: np.ndarray, token: int) -> None:
@@ -203,6 +232,14 @@ class WorkerSession:
 
 
 _session_ids = itertools.count(1)
+
+
+class _TickFailed(Exception):
+    """A tick's step or prime chunk raised; carries what the other half produced."""
+
+    def __init__(self, stepped: object, step_error: BaseException | None, prime_error: BaseException | None):
+        super().__init__(repr(step_error or prime_error))
+        self.stepped, self.step_error, self.prime_error = stepped, step_error, prime_error
 
 
 def _use_device(runner: BatchRunner) -> None:
@@ -248,6 +285,10 @@ class EngineWorker:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._closing = False
+        self.scheduler = Scheduler()
+        self._primes: dict[int, _Prime] = {}  # queued or under way, oldest first
+        self._prime_ids = itertools.count(1)
+        self.ticks: collections.deque[Tick] = collections.deque(maxlen=256)  # the latest, for tests
 
     # ---- Engine API -----------------------------------------------------------------------------------
 
@@ -327,19 +368,34 @@ class EngineWorker:
         slot = heapq.heappop(self._free)
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)
         session = WorkerSession(self, slot, seed, spec)
-        try:
-            await self._run_on_model_thread(self._prime, session, text_ids)
-        except BaseException as exc:  # cancelled too (the caller hung up while we primed): the slot is
-            heapq.heappush(self._free, slot)  # a later prefill of it runs after this one on the model thread
-            if isinstance(exc, CheckpointError):  # an unknown or broken voice prompt
-                raise EngineError(str(exc)) from exc
-            raise
+        # The slot goes back to the free heap from the step loop if the prime fails or is abandoned, once
+        # no chunk of it can still be running.
+        await self._prime_between_steps(session, text_ids, fresh=True)
         self._sessions[slot] = session
         return session
+
+    async def _prime_between_steps(self, session: WorkerSession, text_ids: list[int], fresh: bool) -> None:
+        """Queue the session's prime for the step loop, which runs it in chunks between live steps; return
+        once it is in. A caller who stops waiting abandons it (at the next tick boundary)."""
+        if self._closing:
+            raise EngineError("the engine is shutting down")
+        prime = _Prime(
+            next(self._prime_ids), session, text_ids, asyncio.get_running_loop().create_future(), fresh
+        )
+        self._primes[prime.id] = prime
+        self._ensure_loop()
+        self._wake.set()
+        try:
+            await asyncio.shield(prime.done)
+        except asyncio.CancelledError:
+            prime.cancelled = True
+            self._wake.set()
+            raise
 
     def shutdown(self) -> None:
         """End every session and stop the model thread (from any thread; aclose also stops the step loop)."""
         self._closing = True
+        self._fail_primes(EngineError("the engine is shutting down"))
         for session in list(self._sessions.values()):
             session._finish("engine_closed")
         self._executor.shutdown(wait=True)
@@ -380,21 +436,33 @@ class EngineWorker:
 
     # ---- model thread ---------------------------------------------------------------------------------
 
-    def _prime(self, session: WorkerSession, text_ids: list[int]) -> None:
-        voice = self._voice(session.spec.voice)
-        plan = self.runner.plan(voice.source, text_ids)
-        context = self.runner.lm.cfg.context
-        if plan.length >= context:
-            raise EngineError(
-                f"the prompt takes {plan.length} model steps but the model sees only {context}: shorten the "
-                f"role prompt ({len(text_ids)} tokens) or use a shorter voice prompt"
-            )
-        self.runner.configure(session.slot, session.spec.sampling, session.seed)
-        prefill = self.runner.prefill(session.slot, plan, voice.prefix)
-        if voice.prefix is None:
-            voice.prefix = prefill.prefix
-        session.prompt_positions = plan.length
-        session.text_start = plan.voice_positions
+    def _prime_chunk(self, prime: _Prime, positions: int) -> tuple[bool, int, float]:
+        """Run the next `positions` positions of a prime (planning it first); returns (finished, positions
+        run, seconds)."""
+        started = time.perf_counter()
+        session = prime.session
+        if prime.job is None:
+            voice = self._voice(session.spec.voice)
+            plan = self.runner.plan(voice.source, prime.text_ids)
+            context = self.runner.lm.cfg.context
+            if plan.length >= context:
+                raise EngineError(
+                    f"the prompt takes {plan.length} model steps but the model sees only {context}: shorten "
+                    f"the role prompt ({len(prime.text_ids)} tokens) or use a shorter voice prompt"
+                )
+            self.runner.configure(session.slot, session.spec.sampling, session.seed)
+            prime.job = self.runner.begin_prefill(session.slot, plan, voice.prefix)
+        job, before = prime.job, prime.job.done
+        finished = self.runner.prefill_chunk(job, positions)
+        if finished:
+            prefill = self.runner.finish_prefill(job)
+            voice = self._voice(session.spec.voice)
+            if voice.prefix is None:
+                voice.prefix = prefill.prefix
+            session.prompt_positions = job.plan.length
+            session.text_start = job.plan.voice_positions
+            session.prompt_overhead = job.plan.length - len(prime.text_ids)
+        return finished, job.done - before, time.perf_counter() - started
 
     def _voice(self, name: str) -> _Voice:
         if name in self._voices:
@@ -433,21 +501,36 @@ class EngineWorker:
             return
         why = "cancelled" if task.cancelled() else repr(task.exception())
         log.error("engine step loop ended (%s); %d sessions lost", why, len(self._sessions))
+        self._fail_primes(EngineError(f"the engine step loop ended ({why})"))
         for session in list(self._sessions.values()):
             session._finish("engine_lost")
 
     async def _step_loop(self) -> None:
         capacity = self.runner.capacity
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._compact()
-            except Exception:  # an optimisation: never a reason to stop stepping the calls
-                log.exception("engine slot compaction failed")
-            ready = [s for s in self._sessions.values() if s._inbox]
-            if not ready:
+            self._drop_abandoned_primes()
+            ready = [s for s in self._sessions.values() if s._inbox and not s._priming]
+            if not ready and not self._primes:
+                await self._wake.wait()
+                self._wake.clear()
                 continue
+            size = self.runner.size_covering(max((s.slot for s in ready), default=0) + 1)
+            known = self.stats.expected_step_s(size)
+            tick = self.scheduler.tick(
+                [s.slot for s in ready],
+                [PrimeRequest(p.id, p.remaining) for p in self._primes.values()],
+                live=len(self._sessions),
+                step_s=known[0] if known else None,
+                move=self._compaction(),
+            )
+            self.ticks.append(tick)
+            if tick.move is not None:
+                try:
+                    await self._move(*tick.move)
+                except Exception:  # an optimisation: never a reason to stop stepping the calls
+                    log.exception("engine slot compaction failed")
+                ready = [s for s in self._sessions.values() if s._inbox and not s._priming]  # slots moved
+            prime = self._primes.get(tick.prime) if tick.prime is not None else None
             pcm = np.zeros((capacity, FRAME_SAMPLES), dtype=np.float32)
             active = np.zeros(capacity, dtype=bool)
             forced = np.full(capacity, -1, dtype=np.int64)
@@ -457,30 +540,100 @@ class EngineWorker:
                 if session._forced:
                     forced[session.slot] = session._forced.popleft()
             try:
-                out_pcm, text = await self._run_on_model_thread(self._step, pcm, active, forced)
-            except Exception:
-                log.exception("engine step failed; ending the %d sessions in it", len(ready))
+                stepped, primed = await self._run_on_model_thread(
+                    self._run_tick, pcm if ready else None, active, forced, prime, tick.chunk
+                )
+            except _TickFailed as failed:
+                stepped, primed = failed.stepped, None
+                if failed.step_error is not None:
+                    log.error(
+                        "engine step failed (%r); ending the %d sessions in it", failed.step_error, len(ready)
+                    )
+                    for session in ready:
+                        session._finish("engine_lost")
+                if prime is not None and failed.prime_error is not None:
+                    self._prime_failed(prime, failed.prime_error)
+            if stepped is not None:
+                out_pcm, text = stepped
                 for session in ready:
-                    session._finish("engine_lost")
-                continue
-            for session in ready:
-                if not session.closed:
-                    session._deliver(out_pcm[session.slot], int(text[session.slot]))
-            if any(s._inbox for s in self._sessions.values()):
-                self._wake.set()
+                    if not session.closed:
+                        session._deliver(out_pcm[session.slot], int(text[session.slot]))
+            if prime is not None and primed is not None:
+                finished, positions, seconds = primed
+                self.scheduler.observe_chunk(positions, seconds)
+                if finished:
+                    self._prime_finished(prime)
 
-    async def _compact(self) -> None:
-        """Move the session in the highest busy slot down to the lowest free one when that makes every
-        step smaller (calls below it have ended); between steps, one move at a time."""
+    def _run_tick(
+        self, pcm: np.ndarray | None, active: np.ndarray, forced: np.ndarray, prime: _Prime | None, chunk: int
+    ) -> tuple[tuple[np.ndarray, np.ndarray] | None, tuple[bool, int, float] | None]:
+        """One tick on the model thread: the live step, then the prime chunk. A failure of either is
+        reported with what the other produced."""
+        stepped = primed = None
+        step_error = prime_error = None
+        if pcm is not None:
+            try:
+                stepped = self._step(pcm, active, forced)
+            except Exception as exc:
+                step_error = exc
+        if prime is not None and not prime.cancelled:
+            try:
+                primed = self._prime_chunk(prime, chunk)
+            except Exception as exc:
+                prime_error = exc
+        if step_error is not None or prime_error is not None:
+            raise _TickFailed(stepped, step_error, prime_error)
+        return stepped, primed
+
+    def _prime_finished(self, prime: _Prime) -> None:
+        self._primes.pop(prime.id, None)
+        if prime.cancelled:
+            self._abandon(prime)
+        elif not prime.done.done():
+            prime.done.set_result(None)
+
+    def _prime_failed(self, prime: _Prime, exc: BaseException) -> None:
+        log.warning("session %s: priming failed: %r", prime.session.id, exc)
+        self._primes.pop(prime.id, None)
+        self._abandon(prime)
+        if isinstance(exc, CheckpointError):  # an unknown or broken voice prompt
+            exc = EngineError(str(exc))
+        if not prime.done.done():
+            prime.done.set_exception(exc)
+
+    def _drop_abandoned_primes(self) -> None:
+        """Between ticks (no chunk of theirs running): forget primes nobody waits for any more."""
+        for prime in [p for p in self._primes.values() if p.cancelled]:
+            del self._primes[prime.id]
+            self._abandon(prime)
+
+    def _abandon(self, prime: _Prime) -> None:
+        """A new session's slot goes back to the free heap (the next prime of it resets it); a live
+        session's re-anchor is simply not done."""
+        if prime.fresh and prime.session.slot not in self._sessions:
+            heapq.heappush(self._free, prime.session.slot)
+
+    def _fail_primes(self, exc: BaseException) -> None:
+        for prime in list(self._primes.values()):
+            self._primes.pop(prime.id, None)
+            if not prime.done.done():
+                prime.done.set_exception(exc)
+
+    def _compaction(self) -> tuple[int, int] | None:
+        """(from, to): the session in the highest busy slot moves down to the lowest free one when that
+        makes every step smaller (calls below it have ended); one move at a time, between steps."""
         if not self._sessions or not self._free:
-            return
+            return None
         source, target = max(self._sessions), self._free[0]
         rest = [slot for slot in self._sessions if slot != source]
         size_after = self.runner.size_covering(max([target, *rest]) + 1)
+        if size_after >= self.runner.size_covering(source + 1) or self._sessions[source]._slot_lock.locked():
+            return None
+        return source, target
+
+    async def _move(self, source: int, target: int) -> None:
         session = self._sessions[source]
-        if size_after >= self.runner.size_covering(source + 1) or session._slot_lock.locked():
-            return
-        heapq.heappop(self._free)  # `target` is taken while the state moves
+        heapq.heappop(self._free)  # `target` (the lowest free slot) is taken while the state moves
         async with session._slot_lock:
             try:
                 await self._run_on_model_thread(self.runner.move_slot, source, target)

@@ -219,11 +219,15 @@ class Switchboard:
         """Record hook: the call.ended event carries the whole call record."""
         self.publish("call.ended", record.call_id, {"record": record.to_dict()})
 
-    def reanchor_prompt(self, call_id: str, agent: AgentConfig, said: Sequence[str]) -> str:
-        """The call's role prompt plus the agent's recent words, sanitised and held to the agent's budget."""
+    def reanchor_prompt(
+        self, call_id: str, agent: AgentConfig, said: Sequence[str], engine_budget: int | None = None
+    ) -> str:
+        """The call's role prompt plus the agent's recent words, sanitised and held to the agent's token
+        budget and to what the engine's window leaves (`engine_budget`)."""
         role = self.role_prompts.get(call_id)
         text = role.text if role is not None else ""
-        return reanchor_prompt(text, said, self.engine.count_prompt_tokens, agent.max_prompt_tokens)
+        budget = min(agent.max_prompt_tokens, engine_budget if engine_budget is not None else 1 << 30)
+        return reanchor_prompt(text, said, self.engine.count_prompt_tokens, budget)
 
     def open_engine_session(self, agent: AgentConfig, call: IncomingCall) -> asyncio.Task[EngineSession]:
         return asyncio.create_task(self._prime(agent, call), name=f"open:{call.call_id}")

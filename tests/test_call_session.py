@@ -24,7 +24,7 @@ from gateway.call.events import (
     PlayAudio,
 )
 from gateway.call.notices import CallNotice
-from gateway.call.session import CallSession
+from gateway.call.session import EARLY_FRAMES_KEPT, CallSession
 
 CHUNK = bytes([0xFF]) * 160  # 20 ms of mu-law silence, as Twilio sends it
 FRAME_CHUNKS = 4  # 80 ms model frame = 4 carrier chunks
@@ -77,18 +77,33 @@ async def test_each_agent_frame_is_sent_as_media_then_mark() -> None:
     await call.end("test over")
 
 
-async def test_caller_audio_before_engine_is_ready_is_dropped() -> None:
+async def test_caller_audio_before_engine_is_ready_reaches_it_once_primed() -> None:
     engine = EchoEngine(open_delay_s=0.2)
     call, carrier = await open_call(engine)
     await speak(call, 2)  # arrives while priming
-    assert (call.stats.caller_frames, call.stats.caller_frames_dropped) == (2, 2)
+    assert (call.stats.caller_frames, call.stats.caller_frames_dropped) == (2, 0)
     await until(lambda: engine.opened == 1)
     await asyncio.sleep(0.01)  # let the call pick up the opened session
     await speak(call, 1)
-    await until(lambda: call.stats.agent_frames == 1)
-    assert call.stats.caller_frames_dropped == 2
-    assert call.agent_clock_s == pytest.approx(3 * FRAME_S)  # agent frame 0 answers caller frame 2
+    await until(lambda: call.stats.agent_frames == 3)  # the two early frames were answered too, first
+    assert call.stats.caller_frames_dropped == 0
+    assert call.agent_clock_s == pytest.approx(3 * FRAME_S)  # agent frame 0 answers caller frame 0
     await call.end("test over")
+
+
+async def test_only_the_newest_two_seconds_are_kept_while_priming_and_a_call_that_never_opens_drops_them():
+    engine = EchoEngine(open_delay_s=0.5)
+    call, carrier = await open_call(engine)
+    await speak(call, 30)
+    assert call.stats.caller_frames_dropped == 30 - EARLY_FRAMES_KEPT
+    await until(lambda: call.stats.agent_frames == EARLY_FRAMES_KEPT)
+    assert call.agent_clock_s == pytest.approx(30 * FRAME_S)  # the oldest five never reached the engine
+    await call.end("test over")
+    slow = EchoEngine(open_delay_s=5.0)
+    never, _ = await open_call(slow)
+    await speak(never, 3)
+    await never.end("caller hung up")
+    assert never.stats.caller_frames_dropped == 3
 
 
 async def test_mark_echo_confirms_that_frame_and_all_before_it() -> None:

@@ -62,6 +62,26 @@ def test_one_pass_prefill_gives_the_same_live_tokens_as_step_by_step():
     assert np.array_equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_a_prime_in_chunks_between_another_calls_steps_gives_the_one_pass_tokens(chunk: int):
+    codes = caller_codes(30)
+    plan = plan_for(runner := make_runner(2))
+    runner.configure(0, GREEDY, 0)
+    runner.prefill(0, plan)
+    runner.configure(1, SAMPLED, 7)
+    runner.prefill(1, plan)
+    one_pass = live_tokens(runner, 1, codes)
+    # Slot 1 again, now primed in chunks while slot 0 takes a live step between every two chunks.
+    runner.configure(1, SAMPLED, 7)
+    job, steps = runner.begin_prefill(1, plan), 0
+    while not runner.prefill_chunk(job, chunk):
+        live_tokens(runner, 0, caller_codes(1, offset=steps % 20))
+        steps += 1
+    runner.finish_prefill(job)
+    assert steps >= (plan.length - 1) // chunk - 1  # the other call stepped between the chunks
+    assert np.array_equal(live_tokens(runner, 1, codes), one_pass)
+
+
 def test_cached_voice_prefix_gives_the_same_live_tokens_as_a_fresh_prefill():
     runner = make_runner(2)
     plan = plan_for(runner)

@@ -327,3 +327,65 @@ async def test_agent_frames_nobody_reads_are_bounded_and_the_newest_kept(worker)
     assert worker.stats.dropped_frames == 60 - MAX_QUEUED_FRAMES
     first = await asyncio.wait_for(session.frames().__anext__(), 1)
     assert first.index == 60 - MAX_QUEUED_FRAMES
+
+
+# --- chunked priming ---------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(["You help callers of SwiftPlex Appliances book repairs and answer questions."] * 12)
+
+
+async def keep_talking(session, stop: asyncio.Event) -> int:
+    """Push a caller frame whenever the last one has been answered, until `stop`; returns the count."""
+    stream, count = session.frames().__aiter__(), 0
+    while not stop.is_set():
+        session.push(caller_frames(1, seed=count)[0])
+        await asyncio.wait_for(stream.__anext__(), 10)
+        count += 1
+    return count
+
+
+async def test_a_long_prime_runs_in_chunks_between_a_live_calls_steps_and_primes_exactly(worker):
+    spec = SessionSpec(voice="voice_tiny", prompt=LONG_PROMPT, sampling=Sampling(greedy=True))
+    live = await worker.open(SPEC)
+    stop = asyncio.Event()
+    talking = asyncio.create_task(keep_talking(live, stop))
+    await asyncio.sleep(0.2)
+    worker.ticks.clear()
+    primed = await worker.open(spec)
+    stop.set()
+    assert await talking > 0
+    chunks = [t for t in worker.ticks if t.prime is not None]
+    assert len(chunks) >= 3  # not one piece
+    assert primed.prompt_positions > 3 * max(t.chunk for t in chunks[1:])
+    stepped_beside = [t for t in chunks if live.slot in t.step]
+    assert len(stepped_beside) >= len(chunks) // 2  # the live call stepped in the same ticks
+    heard = await talk(primed, caller_frames(6, seed=5))
+    # The same prompt primed in one piece (no live call to wait for) answers with the same tokens.
+    alone = tiny_worker(1, admit_fraction=float("inf"))
+    try:
+        whole = await alone.open(spec)
+        # whole: the voice positions (kept for the next call with this voice), then all of the rest
+        assert len([t for t in alone.ticks if t.prime is not None]) == 2
+        expected = await talk(whole, caller_frames(6, seed=5))
+    finally:
+        await alone.aclose()
+    assert [f.token for f in heard] == [f.token for f in expected]
+    assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(heard, expected, strict=True))
+
+
+async def test_a_caller_who_hangs_up_while_priming_frees_the_slot(worker):
+    spec = SessionSpec(voice="voice_tiny", prompt=LONG_PROMPT, sampling=Sampling(greedy=True))
+    live = await worker.open(SPEC)
+    stop = asyncio.Event()
+    talking = asyncio.create_task(keep_talking(live, stop))
+    opening = asyncio.create_task(worker.open(spec))
+    await asyncio.sleep(0.05)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await asyncio.sleep(0.2)
+    stop.set()
+    await talking
+    assert not worker._primes and worker._free == [1]
+    again = await worker.open(SPEC)  # the freed slot primes cleanly for the next call
+    assert again.slot == 1 and len(await talk(again, caller_frames(2))) == 2

@@ -26,7 +26,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from engine.api import FRAME_S, AgentFrame, EngineSession, SessionClosed
+import numpy as np
+
+from engine.api import FRAME_S, AgentFrame, EngineError, EngineSession, SessionClosed
 from gateway.audio import InboundAudio, OutboundAudio
 from gateway.call.events import (
     CallerAudio,
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 MAX_AHEAD_S = 0.2
 MAX_TRANSCRIPT_PIECES = 20_000  # the agent's words kept per call: over an hour of speech
 REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored prompt
+# Caller frames kept while the engine session primes (a stream that starts before its prime is done): the
+# engine hears them once it is ready; beyond this (2 s) the oldest go.
+EARLY_FRAMES_KEPT = 25
 SPOKEN_WINDOW_CHARS = 300  # the agent's recent words that phrase triggers look at
 
 SendCommand = Callable[[OutboundCommand], Awaitable[None]]
@@ -66,7 +71,8 @@ class TranscriptPiece:
 @dataclass
 class CallStats:
     caller_frames: int = 0  # 80 ms caller frames framed from the carrier's audio
-    caller_frames_dropped: int = 0  # arrived before the engine session was ready
+    caller_frames_dropped: int = 0  # never reached the engine (over EARLY_FRAMES_KEPT while it primed, or
+    # it never opened)
     caller_audio_dropped_fast: int = 0  # messages of caller audio beyond wall clock (+ jitter): dropped
     agent_frames: int = 0  # produced by the engine
     agent_frames_sent: int = 0
@@ -90,7 +96,7 @@ class CallSession:
         max_ahead_s: float = MAX_AHEAD_S,
         on_notice: NoticeHook | None = None,
         limits: CallLimits | None = None,
-        reanchor_prompt: Callable[[Sequence[str]], str] | None = None,
+        reanchor_prompt: Callable[[Sequence[str], int | None], str] | None = None,
         agent: str = "",
         phrases: Sequence[re.Pattern[str]] = (),
         escalates: frozenset[str] = frozenset(),
@@ -110,11 +116,13 @@ class CallSession:
         self._engine: EngineSession | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._first_pushed_frame: int | None = None  # caller frame the agent clock starts at
+        self._early: deque[tuple[int, np.ndarray]] = deque()  # (caller frame, audio) while priming
         self._unconfirmed: deque[str] = deque()  # marks sent, not yet echoed, oldest first
         self._cleared: set[str] = set()  # marks pending when we sent a clear: their echo means discarded
         self._ended = asyncio.Event()
         self._guard = LimitGuard(limits) if limits is not None else None
-        self._reanchor_prompt = reanchor_prompt  # the agent's recent words -> the prompt to re-prime with
+        # (the agent's recent words, the engine's token budget) -> the prompt to re-prime with
+        self._reanchor_prompt = reanchor_prompt
         self.agent = agent
         self._phrases = list(phrases)  # patterns in the agent's own words that trigger an escalation
         self._escalates = escalates  # triggers escalation takes over from their default course
@@ -215,6 +223,8 @@ class CallSession:
                 log.info("call %s: could not notify the carrier of the end (%s)", self.call_id, exc)
         if self._agent_task is not None and self._agent_task is not current:
             await asyncio.gather(self._agent_task, return_exceptions=True)
+        self.stats.caller_frames_dropped += len(self._early)  # kept for an engine that never came
+        self._early.clear()
         log.info("call %s ended: %s; %s", self.call_id, reason, self.stats)
         self._notify(NoticeKind.ENDED, reason)
 
@@ -233,20 +243,30 @@ class CallSession:
     def _on_caller_audio(self, payload: bytes) -> None:
         for frame in self._inbound.push(payload):
             self.stats.caller_frames += 1
-            if self._engine is None:
-                self.stats.caller_frames_dropped += 1
+            if self._engine is None:  # priming: kept for the engine, the newest 2 s of it
+                if len(self._early) == EARLY_FRAMES_KEPT:
+                    self._early.popleft()
+                    self.stats.caller_frames_dropped += 1
+                self._early.append((self.stats.caller_frames - 1, frame))
                 continue
-            if self._first_pushed_frame is None:
-                self._first_pushed_frame = self.stats.caller_frames - 1
-            try:
-                self._engine.push(frame)
-            except SessionClosed as exc:
-                self._on_engine_lost(str(exc))
+            if not self._push(self.stats.caller_frames - 1, frame):
                 return
             if self._guard is not None:
                 horizon = getattr(self._engine, "prompt_horizon_steps", None)
                 for event in self._guard.on_caller_frame(self.caller_clock_s, frame, horizon):
                     self._on_limit(event)
+
+    def _push(self, index: int, frame: np.ndarray) -> bool:
+        """Caller frame `index` to the engine; False once the session is lost."""
+        assert self._engine is not None
+        if self._first_pushed_frame is None:
+            self._first_pushed_frame = index
+        try:
+            self._engine.push(frame)
+        except SessionClosed as exc:
+            self._on_engine_lost(str(exc))
+            return False
+        return True
 
     # --- limits -------------------------------------------------------------------------------------
 
@@ -282,11 +302,22 @@ class CallSession:
     async def _reanchor(self) -> None:
         """Prime a fresh window with the role prompt plus the agent's recent words, so the call keeps its
         role past the model's 240 s window."""
-        said = [piece.text for piece in self.transcript[-REANCHOR_PIECES:]]
-        prompt = self._reanchor_prompt(said) if self._reanchor_prompt is not None else ""
-        if not prompt or self._engine is None or not hasattr(self._engine, "reprime"):
+        engine = self._engine
+        if self._reanchor_prompt is None or engine is None or not hasattr(engine, "reprime"):
             return
-        await self._engine.reprime(prompt)
+        said = [piece.text for piece in self.transcript[-REANCHOR_PIECES:]]
+        budget = engine.reprime_token_budget() if hasattr(engine, "reprime_token_budget") else None
+        prompt = self._reanchor_prompt(said, budget)
+        if not prompt:
+            return
+        try:
+            await engine.reprime(prompt)
+        except EngineError as exc:  # the prompt did not fit after all: the call must not go on roleless
+            log.warning("call %s: re-anchoring failed (%s); wrapping up instead", self.call_id, exc)
+            self._notify(NoticeKind.WARNING, f"re-anchor failed: {exc}")
+            limits = self._guard.limits if self._guard is not None else CallLimits()
+            await self._wrap_up(limits.wrap_up_line)
+            return
         self._notify(NoticeKind.REANCHORED, f"{len(prompt)} characters")
         if self._guard is not None:
             self._guard.rearm("context_horizon")
@@ -318,6 +349,10 @@ class CallSession:
         if self.ended:  # the call ended while the session was priming
             await self._release_engine()
             return
+        early, self._early = self._early, deque()
+        for index, frame in early:  # what the caller said while the session primed, in order
+            if not self._push(index, frame):
+                break
         lost = ""
         try:
             async for frame in self._engine.frames():

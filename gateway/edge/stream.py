@@ -120,7 +120,7 @@ async def serve_media_stream(websocket: WebSocket, carrier: Carrier, gateway: Sw
         max_ahead_s=gateway.config.server.carrier_buffer_s,
         on_notice=gateway.notice,
         limits=limits,
-        reanchor_prompt=lambda said: gateway.reanchor_prompt(call_id, agent, said),
+        reanchor_prompt=lambda said, budget: gateway.reanchor_prompt(call_id, agent, said, budget),
         agent=agent.name,
         phrases=agent.escalation.compiled_phrases(),
         escalates=agent.escalation.handles,
