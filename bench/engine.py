@@ -552,25 +552,32 @@ def churn_plans(cfg: ModelConfig, count: int, generator: torch.Generator) -> lis
 
 
 def run_churn(
-    runner: BatchRunner, live: int, plans: list[PromptPlan], seconds: float, mode: str, device: torch.device
+    runner: BatchRunner,
+    live: int,
+    plans: list[PromptPlan],
+    seconds: float,
+    mode: str,
+    device: torch.device,
+    clock: str = "wall",
 ) -> ChurnRun:
     """`live` calls get a caller frame every 80 ms for `seconds`; every 2 s a new call's prime (`plans`, in
     order) starts in slot `live`. Each tick's step and prime chunk really run, timed; the clock of arrivals
     and deliveries is simulated from those times, so the figures are the engine's and not the host's
-    scheduling noise. mode: "none" (no new calls), "whole" (a prime runs in one piece before the next step,
-    as before chunked priming), "chunked" (the worker's scheduler)."""
-    watch = Stopwatch(device)
+    scheduling noise (with the `cpu` clock, the time waiting for a core is left out too). mode: "none" (no
+    new calls), "whole" (a prime runs in one piece before the next step, as before chunked priming),
+    "chunked" (the worker's scheduler)."""
+    watch = Stopwatch(device, clock)
     pcm, active, _ = step_inputs(runner, live, device)
     scheduler, frames, every = Scheduler(), round(seconds / FRAME_S), round(2.0 / FRAME_S)
-    clock, delivered, result = 0.0, None, ChurnRun([], [], 0, 0)
+    now, delivered, result = 0.0, None, ChurnRun([], [], 0, 0)
     job, queue, step_s = None, list(plans) if mode != "none" else [], None
 
     def timed(work: Callable[..., object], *args: object) -> tuple[object, float]:
         watch._sync()
-        start = time.perf_counter()
+        start = watch.now()
         value = work(*args)
         watch._sync()
-        return value, time.perf_counter() - start
+        return value, watch.now() - start
 
     for k in range(frames):
         arrival = k * FRAME_S
@@ -578,21 +585,21 @@ def run_churn(
             job = runner.begin_prefill(live, queue.pop(0))
             result.primes += 1
         if mode == "whole" and job is not None:  # the old way: the prime holds the next step back
-            clock = max(clock, arrival) + timed(runner.prefill, live, job.plan)[1]
+            now = max(now, arrival) + timed(runner.prefill, live, job.plan)[1]
             job = None
         seconds_step = timed(runner.step, pcm, active)[1]
         step_s = seconds_step if step_s is None else 0.9 * step_s + 0.1 * seconds_step
-        done = max(clock, arrival) + seconds_step
+        done = max(now, arrival) + seconds_step
         if delivered is not None:
             result.intervals_ms.append(1000 * (done - delivered))
         result.delays_ms.append(1000 * (done - arrival))
-        delivered = clock = done
+        delivered = now = done
         if mode == "chunked" and job is not None:
             positions = scheduler.chunk_positions(job.remaining, live, step_s)
             before = job.done
             finished, chunk_s = timed(runner.prefill_chunk, job, positions)
             scheduler.observe_chunk(job.done - before, chunk_s)
-            clock += chunk_s
+            now += chunk_s
             result.chunks += 1
             if finished:
                 runner.finish_prefill(job)
