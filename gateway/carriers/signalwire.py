@@ -27,27 +27,25 @@ import hmac
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
-from urllib.parse import parse_qs, parse_qsl
+from urllib.parse import parse_qs
 from xml.etree import ElementTree
 
 import httpx
 import orjson
 
 from gateway.call.events import CallEvent, CallStarted, MalformedMessage, MediaFormat
-from gateway.carriers.base import Answering, StreamTarget, WebhookRefused, basic_header, rest_request
+from gateway.carriers.base import StreamTarget, basic_header
 from gateway.carriers.twilio import (
-    STREAM_SID,
     TwilioCarrier,
     TwilioPeer,
     TwilioSettings,
     TwilioStream,
     compute_signature,
-    dial_twiml,
 )
-from gateway.carriers.wire import compact, section, text
+from gateway.carriers.wire import compact
 
 SIGNATURE_HEADERS = ("x-signalwire-signature", "x-twilio-signature")  # lower-case, as headers arrive
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -115,21 +113,12 @@ class SignalWireStream(TwilioStream):
             message = _unwrapped(message)
         return super()._parse(message)
 
-    def _parse_start(self, data: dict[str, Any]) -> CallStarted:
-        # Twilio's checks with SignalWire's id shapes; Twilio's own method hard-codes CA/AC ids.
-        start = section(data, "start")
-        call_id = text(start, "start.callSid", "callSid")
-        if not _UUID.fullmatch(call_id):
-            raise MalformedMessage(f"start.callSid {call_id[:40]!r} is not a SignalWire call id (a UUID)")
-        stream_id = start.get("streamSid", data.get("streamSid"))
-        if not isinstance(stream_id, str) or not STREAM_SID.fullmatch(stream_id):
-            raise MalformedMessage(f"start.streamSid {str(stream_id)[:40]!r} missing or not a stream id")
-        params = start.get("customParameters", {})
-        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-            raise MalformedMessage("start.customParameters is not a flat string-to-string object")
-        fmt = start.get("mediaFormat", {})
-        if not isinstance(fmt, dict):
-            raise MalformedMessage("start.mediaFormat is not an object")
+    call_id_pattern: ClassVar[re.Pattern[str]] = _UUID
+    call_id_shape: ClassVar[str] = "a SignalWire call id (a UUID)"
+    account_pattern: ClassVar[re.Pattern[str]] = _UUID
+    account_shape: ClassVar[str] = "a project id (a UUID)"
+
+    def media_format(self, fmt: dict[str, Any]) -> MediaFormat:
         encoding = ENCODINGS.get(fmt.get("encoding", "audio/x-mulaw"))  # type: ignore[arg-type]
         try:
             media = MediaFormat(str(encoding), fmt.get("sampleRate", 8000), fmt.get("channels", 1))
@@ -137,16 +126,7 @@ class SignalWireStream(TwilioStream):
             media = None
         if media not in CODECS.values():  # anything else would fail in the audio path, not here
             raise MalformedMessage(f"start.mediaFormat {fmt!r:.120} is none of {sorted(CODECS)}")
-        account = start.get("accountSid")
-        if account is not None and not (isinstance(account, str) and _UUID.fullmatch(account)):
-            raise MalformedMessage(f"start.accountSid {str(account)[:40]!r} is not a project id (a UUID)")
-        return CallStarted(
-            call_id=call_id,
-            stream_id=stream_id,
-            account_id=account or None,
-            custom_parameters=dict(params),
-            media_format=media,
-        )
+        return media
 
 
 def _unwrapped(message: str) -> str:
@@ -166,6 +146,7 @@ class SignalWireCarrier(TwilioCarrier):
     name: ClassVar[str] = "signalwire"
     settings_type = SignalWireSettings
     stream_type: ClassVar[type[TwilioStream]] = SignalWireStream
+    signature_headers: ClassVar[tuple[str, ...]] = SIGNATURE_HEADERS
     console = "Phone Numbers > your number > LaML Webhooks: When a call comes in, POST"
 
     settings: SignalWireSettings
@@ -173,18 +154,6 @@ class SignalWireCarrier(TwilioCarrier):
     @property
     def secret(self) -> str | None:
         return self.settings.signing_key or None
-
-    def read_answer(
-        self, method: str, path: str, query: str, body: bytes, headers: Mapping[str, str]
-    ) -> Answering:
-        form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)  # exact: signed
-        if not self.verify_webhook(path, query, form, headers):
-            raise WebhookRefused(403, "bad or missing X-SignalWire-Signature", auth_failed=True)
-        fields = dict(form)
-        call_id = fields.get("CallSid", "")
-        if not _UUID.fullmatch(call_id):
-            raise WebhookRefused(400, "voice webhook without a CallSid (a UUID)")
-        return Answering(call_id, caller=fields.get("From"), called=fields.get("To"), fields=fields)
 
     def stream_attributes(self) -> dict[str, str]:
         attributes = {"codec": self.settings.codec}
@@ -200,14 +169,6 @@ class SignalWireCarrier(TwilioCarrier):
         signed = hmac.new(self.secret.encode(), f"duplexgate stream {self.stream_url()}".encode(), "sha256")
         return base64.urlsafe_b64encode(signed.digest()).decode("ascii").rstrip("=")
 
-    def verify_webhook(
-        self, path: str, query: str, form: Iterable[tuple[str, str]], headers: Mapping[str, str]
-    ) -> bool:
-        if self.secret is None:
-            return True
-        url = f"{self.public_url}{path}" + (f"?{query}" if query else "")
-        return self._signed(url, list(form), headers)
-
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
         if self.secret is None:
             return True
@@ -216,25 +177,14 @@ class SignalWireCarrier(TwilioCarrier):
             return True
         return self._signed(self.stream_url(), [], headers)
 
-    def _signed(self, url: str, form: list[tuple[str, str]], headers: Mapping[str, str]) -> bool:
-        return any(self._verify(url, form, headers.get(name)) for name in SIGNATURE_HEADERS)
-
-    async def transfer(self, call: CallStarted, target: str) -> None:
-        """Update the call with `<Dial>` cXML; that ends its `<Connect><Stream>` (as on Twilio)."""
+    def rest_credentials(self, call: CallStarted) -> tuple[str, str]:
         project, token = self.settings.account_sid or call.account_id, self.settings.auth_token
-        base = self.settings.rest_base
-        if not project or not token or not base:
+        if not project or not token or not self.settings.rest_base:
             raise RuntimeError(
                 f"signalwire call control needs the project id, API token and space "
                 f"({self.settings.account_sid_env}, {self.settings.auth_token_env}, [signalwire] space)"
             )
-        await rest_request(
-            "POST",
-            f"{self.calls_url(project)}/{call.call_id}.json",
-            what=f"signalwire transfer of {call.call_id}",
-            data={"Twiml": dial_twiml(target)},
-            auth=(project, token),
-        )
+        return project, token
 
     def calls_url(self, account: str) -> str:
         return f"{self.settings.rest_base}/api/laml/2010-04-01/Accounts/{account}/Calls"

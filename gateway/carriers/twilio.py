@@ -102,6 +102,11 @@ class TwilioStream(CarrierStream):
     """Twilio's media-stream messages, both ways."""
 
     encodings: ClassVar[Mapping[str, str]] = {"audio/x-mulaw": "mulaw"}  # the only encoding Twilio streams
+    # Identifiers from the wire become log fields, store keys and REST paths: only their shapes pass.
+    call_id_pattern: ClassVar[re.Pattern[str]] = CALL_SID
+    call_id_shape: ClassVar[str] = "a Twilio call SID (CA + 32 hex digits)"
+    account_pattern: ClassVar[re.Pattern[str]] = ACCOUNT_SID
+    account_shape: ClassVar[str] = "an account SID"
 
     def parse(self, message: str | bytes) -> CallEvent:
         return guarded(self._parse, message)
@@ -129,10 +134,8 @@ class TwilioStream(CarrierStream):
     def _parse_start(self, data: dict[str, Any]) -> CallStarted:
         start = section(data, "start")
         call_id = text(start, "start.callSid", "callSid")
-        if not CALL_SID.fullmatch(call_id):
-            raise MalformedMessage(
-                f"start.callSid {call_id[:40]!r} is not a Twilio call SID (CA + 32 hex digits)"
-            )
+        if not self.call_id_pattern.fullmatch(call_id):
+            raise MalformedMessage(f"start.callSid {call_id[:40]!r} is not {self.call_id_shape}")
         stream_id = start.get("streamSid", data.get("streamSid"))
         if not isinstance(stream_id, str) or not stream_id:
             raise MalformedMessage("start without a streamSid")
@@ -144,22 +147,30 @@ class TwilioStream(CarrierStream):
         fmt = start.get("mediaFormat", {})
         if not isinstance(fmt, dict):
             raise MalformedMessage("start.mediaFormat is not an object")
+        media = self.media_format(fmt)
+        account = start.get("accountSid")
+        if account is not None and not (isinstance(account, str) and self.account_pattern.fullmatch(account)):
+            raise MalformedMessage(f"start.accountSid {str(account)[:40]!r} is not {self.account_shape}")
+        return CallStarted(
+            call_id=call_id,
+            stream_id=stream_id,
+            account_id=account if isinstance(account, str) and account else None,
+            custom_parameters=dict(params),
+            media_format=media,
+        )
+
+    def media_format(self, fmt: dict[str, Any]) -> MediaFormat:
+        """The start message's `mediaFormat`, or MalformedMessage saying what this carrier does not send."""
         encoding = fmt.get("encoding", "audio/x-mulaw")
         if not isinstance(encoding, str) or encoding not in self.encodings:
             raise MalformedMessage(f"start.mediaFormat.encoding {encoding!r} is not {sorted(self.encodings)}")
         rate, channels = fmt.get("sampleRate", 8000), fmt.get("channels", 1)
         if not isinstance(rate, int) or not isinstance(channels, int) or rate <= 0 or channels != 1:
             raise MalformedMessage(f"start.mediaFormat sampleRate={rate!r} channels={channels!r} unsupported")
-        account = start.get("accountSid")
-        if account is not None and not (isinstance(account, str) and ACCOUNT_SID.fullmatch(account)):
-            raise MalformedMessage(f"start.accountSid {str(account)[:40]!r} is not an account SID")
-        return CallStarted(
-            call_id=call_id,
-            stream_id=stream_id,
-            account_id=account if isinstance(account, str) and account else None,
-            custom_parameters=dict(params),
-            media_format=MediaFormat(encoding=self.encodings[encoding], sample_rate=rate, channels=channels),
-        )
+        try:
+            return MediaFormat(encoding=self.encodings[encoding], sample_rate=rate, channels=channels)
+        except ValueError as exc:
+            raise MalformedMessage(f"start.mediaFormat: {exc}") from None
 
     def audio(self, payload: bytes) -> Sequence[str]:
         return [compact({"event": "media", "streamSid": self.stream_id, "media": {"payload": b64(payload)}})]
@@ -177,6 +188,7 @@ class TwilioCarrier(Carrier):
     name: ClassVar[str] = "twilio"
     settings_type = TwilioSettings
     stream_type: ClassVar[type[TwilioStream]] = TwilioStream
+    signature_headers: ClassVar[tuple[str, ...]] = (SIGNATURE_HEADER,)
     console = "Phone Numbers > your number > A call comes in: Webhook, HTTP POST"
 
     settings: TwilioSettings
@@ -203,11 +215,11 @@ class TwilioCarrier(Carrier):
     ) -> Answering:
         form = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)  # exact: signed
         if not self.verify_webhook(path, query, form, headers):
-            raise WebhookRefused(403, f"bad or missing {SIGNATURE_HEADER}", auth_failed=True)
+            raise WebhookRefused(403, f"bad or missing {self.signature_headers[0]}", auth_failed=True)
         fields = dict(form)
         call_id = fields.get("CallSid", "")
-        if not CALL_SID.fullmatch(call_id):
-            raise WebhookRefused(400, "voice webhook without a CallSid (CA + 32 hex digits)")
+        if not self.stream_type.call_id_pattern.fullmatch(call_id):
+            raise WebhookRefused(400, f"voice webhook without a CallSid ({self.stream_type.call_id_shape})")
         return Answering(call_id, caller=fields.get("From"), called=fields.get("To"), fields=fields)
 
     def answer(self, call: Answering, stream_url: str, token: str) -> tuple[str, str]:
@@ -225,7 +237,7 @@ class TwilioCarrier(Carrier):
         if self.secret is None:
             return True
         url = f"{self.public_url}{path}" + (f"?{query}" if query else "")
-        return self._verify(url, form, headers.get(SIGNATURE_HEADER))
+        return self._signed(url, list(form), headers)
 
     # --- media stream --------------------------------------------------------------------------------
 
@@ -233,10 +245,14 @@ class TwilioCarrier(Carrier):
         """The upgrade's signature over the `wss://` URL as written in our TwiML (no params)."""
         if self.secret is None:
             return True
-        return self._verify(self.stream_url(), (), headers.get(SIGNATURE_HEADER))
+        return self._signed(self.stream_url(), [], headers)
 
     def open_stream(self, query: Mapping[str, str], headers: Mapping[str, str]) -> TwilioStream:
         return self.stream_type(query, headers)
+
+    def _signed(self, url: str, form: list[tuple[str, str]], headers: Mapping[str, str]) -> bool:
+        """A valid signature of `url` and `form` in any of this carrier's signature headers."""
+        return any(self._verify(url, form, headers.get(name)) for name in self.signature_headers)
 
     def _verify(self, url: str, params: Iterable[tuple[str, str]], signature: str | None) -> bool:
         if not signature or self.secret is None:
@@ -253,12 +269,7 @@ class TwilioCarrier(Carrier):
     async def transfer(self, call: CallStarted, target: str) -> None:
         """Update the call with `<Dial>` TwiML; that ends its `<Connect><Stream>`, so the carrier stops the
         media stream itself. The configured account wins over the one the stream named."""
-        account, token = self.settings.account_sid or call.account_id, self.secret
-        if not account or not token:
-            raise RuntimeError(
-                f"{self.name} call control needs the account SID and auth token "
-                f"({self.settings.account_sid_env}, {self.settings.auth_token_env})"
-            )
+        account, token = self.rest_credentials(call)
         await rest_request(
             "POST",
             f"{self.calls_url(account)}/{call.call_id}.json",
@@ -266,6 +277,16 @@ class TwilioCarrier(Carrier):
             data={"Twiml": dial_twiml(target)},
             auth=(account, token),
         )
+
+    def rest_credentials(self, call: CallStarted) -> tuple[str, str]:
+        """(account, token) for the REST API's Basic auth; RuntimeError naming what is missing."""
+        account, token = self.settings.account_sid or call.account_id, self.settings.auth_token
+        if not account or not token:
+            raise RuntimeError(
+                f"{self.name} call control needs the account SID and auth token "
+                f"({self.settings.account_sid_env}, {self.settings.auth_token_env})"
+            )
+        return account, token
 
     def calls_url(self, account: str) -> str:
         return f"{self.settings.api_base.rstrip('/')}/2010-04-01/Accounts/{account}/Calls"
