@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine (system packages only when missing:
-# Redis, PostgreSQL, espeak-ng),
+# Redis, PostgreSQL, espeak-ng, and chromium with its driver for the dashboard's browser test),
 # then runs the default (fast) suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg_cmd in redis-server:redis-server espeak-ng:espeak-ng; do
+for pkg_cmd in redis-server:redis-server espeak-ng:espeak-ng chromium:chromium chromium-driver:chromedriver; do
     command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
 done
 # PostgreSQL for the SQL CRM adapter's tests: Debian keeps initdb under /usr/lib/postgresql/*/bin.
