@@ -3,6 +3,8 @@
 It speaks CallEvents with the transport and the EngineSession API with the engine, and knows neither a
 carrier's wire format nor a tensor. Caller audio is framed into 80 ms and pushed to the engine; each agent
 frame goes straight back to the carrier followed by a mark, and mark echoes say what the caller heard.
+Every caller frame framed and every agent frame received also feeds the call's DuplexTimeline (voice
+activity of both sides on the call clock, gateway/call/timeline.py), which the call record summarises.
 
 Carrier buffer policy: before each agent frame is sent, the audio sent but not yet confirmed played
 (marks not yet echoed) must be at most `max_ahead_s` (200 ms); otherwise the frame is dropped, not
@@ -46,6 +48,7 @@ from gateway.call.events import (
 )
 from gateway.call.limits import CallLimits, LimitEvent, LimitGuard
 from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
+from gateway.call.timeline import DuplexTimeline
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,8 @@ class CallSession:
         self._escalates = escalates  # triggers escalation takes over from their default course
         self._spoken = ""  # the agent's most recent words, for phrase triggers
         self._engine_lost = False
+        # Voice activity of both sides on the call clock, for the record's quality measures (~40 us a frame)
+        self.timeline: DuplexTimeline | None = DuplexTimeline()
 
     # --- clocks -------------------------------------------------------------------------------------
 
@@ -243,6 +248,8 @@ class CallSession:
     def _on_caller_audio(self, payload: bytes) -> None:
         for frame in self._inbound.push(payload):
             self.stats.caller_frames += 1
+            if self.timeline is not None:
+                self._observe(self.timeline.caller_frame, (self.stats.caller_frames - 1) * FRAME_S, frame)
             if self._engine is None:  # priming: kept for the engine, the newest 2 s of it
                 if len(self._early) == EARLY_FRAMES_KEPT:
                     self._early.popleft()
@@ -389,6 +396,8 @@ class CallSession:
     async def _on_agent_frame(self, frame: AgentFrame) -> None:
         at_s = self.agent_clock_s
         self.stats.agent_frames += 1
+        if self.timeline is not None:
+            self._observe(self.timeline.agent_frame, at_s, frame.pcm, frame.text)
         if frame.text:
             self._keep_text(TranscriptPiece(at_s=round(at_s, 3), text=frame.text))
             if self._phrases:
@@ -438,6 +447,14 @@ class CallSession:
             task.cancel()
         # Whenever the open finishes (even after our cancel), close what it opened: the slot is ours.
         task.add_done_callback(_close_opened_session)
+
+    def _observe(self, feed: Callable[..., None], *args: object) -> None:
+        """Feed the timeline; should it ever fail, the call goes on without one (its record's is empty)."""
+        try:
+            feed(*args)
+        except Exception:
+            log.exception("call %s: the duplex timeline failed; no timeline for this call", self.call_id)
+            self.timeline = None
 
     def _spawn_end(self, reason: str) -> None:
         self._spawn(self.end(reason), "end")

@@ -198,7 +198,20 @@ class CallRecorder:
             crm_status=role.crm.status if role is not None and role.crm is not None else None,
             transcript=tuple(call.transcript),
             counters=counters,
+            timeline=self._timeline_of(call),
         )
+
+    def _timeline_of(self, call: CallSession) -> dict[str, Any]:
+        """The call's duplex timeline summary; empty when the call has none (it failed) or it cannot be
+        summarised, which must never cost the record."""
+        timeline = getattr(call, "timeline", None)
+        if timeline is None:
+            return {}
+        try:
+            return timeline.summary()
+        except Exception:
+            log.exception("call %s: could not summarise the duplex timeline", call.call_id)
+            return {}
 
     def _agent_of(self, call: CallSession) -> AgentConfig:
         named = getattr(call, "agent", "")  # set by the gateway when it knows the agent (prepared calls)

@@ -40,6 +40,10 @@ class CallRecord:
     crm_status: str | None = None  # "found", "not_found", "error", ... or None without a CRM
     transcript: tuple[TranscriptPiece, ...] = ()
     counters: Mapping[str, int] = field(default_factory=dict)  # frames sent/dropped/heard, dtmf presses, ...
+    # DuplexTimeline.summary(): both sides' speech segments and the conversation-quality measures
+    # (docs/quality.md); empty for a call that never streamed, one whose timeline failed, and in records
+    # written before it existed
+    timeline: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float | None:
@@ -50,6 +54,7 @@ class CallRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["counters"] = dict(self.counters)
+        data["timeline"] = dict(self.timeline)
         data["version"] = RECORD_VERSION
         return data
 
@@ -95,6 +100,7 @@ class CallRecord:
                     for item in data.get("transcript", ())
                 ),
                 counters={str(name): int(value) for name, value in data.get("counters", {}).items()},
+                timeline=_timeline(data, where),
             )
         except RecordFormatError:
             raise
@@ -128,6 +134,17 @@ def _optional(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
 
 def _optional_time(data: Mapping[str, Any], key: str, where: str) -> float | None:
     return None if data.get(key) is None else float(_typed(data, key, (int, float), where))
+
+
+def _timeline(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The timeline summary: a JSON object (absent or null in records older than it: empty); its content is
+    the timeline's own schema and is kept as written."""
+    value = data.get("timeline")
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise RecordFormatError(f"{where}: timeline = {value!r:.80} should be an object")
+    return dict(value)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
