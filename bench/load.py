@@ -5,8 +5,13 @@ the gateway's own cost: transport, framing, resampling, mu-law, marks. For each 
 latency per 80 ms frame (simulated carrier: sending the 4th 20 ms chunk of a frame -> receiving the
 reply's media) and the gateway's CPU per call while all N calls are up.
 
+The gateway runs with its Prometheus metrics on, as it ships, and `GET /metrics` is scraped every
+`--scrape-s` (1 s: far more often than Prometheus would); `--metrics off` leaves them out, and
+`--metrics both` runs each N twice, off then on, so their cost shows side by side.
+
     python -m bench.load                      # N = 10, 50, 100, 150, 200; 10 s calls
     python -m bench.load --calls 150 --seconds 20 --procs 4
+    python -m bench.load --calls 50 --seconds 6 --procs 1 --metrics both
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_CALLS = 400  # bound: the benchmark refuses to flood the machine beyond this
 MAX_SECONDS = 120
+METRICS_KEY = "bench-metrics-key"  # the control key the gateway under test is given, to scrape /metrics
 
 
 @dataclass
@@ -44,6 +51,7 @@ class RunResult:
     window_s: float
     server_cpu_s: float
     carrier_cpu_s: float
+    scrapes: int = 0  # successful GET /metrics while the calls ran
 
     @property
     def cpu_per_call_pct(self) -> float:
@@ -54,7 +62,7 @@ class RunResult:
 # --- the gateway under test -------------------------------------------------------------------------
 
 
-def serve(port: int, ws: str, loop: str) -> None:
+def serve(port: int, ws: str, loop: str, metrics: bool = True) -> None:
     """Run the gateway on 127.0.0.1:port with the echo engine (the benchmark's subprocess)."""
     import uvicorn
 
@@ -62,7 +70,7 @@ def serve(port: int, ws: str, loop: str) -> None:
     from gateway.config import load_config
     from gateway.edge.app import create_app
 
-    app = create_app(load_config(env={}), EchoEngine())
+    app = create_app(load_config(env={}), EchoEngine(), metrics=metrics)
     uvicorn.run(app, host="127.0.0.1", port=port, ws=ws, loop=loop, log_level="error", ws_max_size=1 << 20)
 
 
@@ -127,14 +135,41 @@ def _callers(url: str, count: int, seconds: float, stagger_s: float, offset: int
     return {"results": results, "cpu_s": time.process_time() - cpu0}
 
 
-def run_load(calls: int, seconds: float, procs: int, ws: str, loop: str) -> RunResult:
+def _scrape(port: int, every_s: float, stop: threading.Event, counted: list[int]) -> None:
+    """GET /metrics every `every_s` until `stop`; counts the answers that were 200."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {METRICS_KEY}"}
+    with httpx.Client(headers=headers, timeout=5.0) as client:
+        while not stop.wait(every_s):
+            try:
+                if client.get(f"http://127.0.0.1:{port}/metrics").status_code == 200:
+                    counted[0] += 1
+            except httpx.HTTPError:
+                pass
+
+
+def run_load(
+    calls: int,
+    seconds: float,
+    procs: int,
+    ws: str,
+    loop: str,
+    metrics: bool = False,
+    scrape_s: float = 1.0,
+) -> RunResult:
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), DUPLEXGATE_API_KEY=METRICS_KEY)
     cmd = [sys.executable, "-m", "bench.load", "serve", "--port", str(port), "--ws", ws, "--loop", loop]
+    cmd += ["--metrics", "on" if metrics else "off"]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"duplexgate-load-{calls}.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    stop, scrapes = threading.Event(), [0]
+    scraper = threading.Thread(target=_scrape, args=(port, scrape_s, stop, scrapes), daemon=True)
     try:
         _wait_healthy(port)
+        if metrics:
+            scraper.start()
         url = f"ws://127.0.0.1:{port}/twilio/media"
         stagger_s = min(1.0, seconds / 4)
         procs = max(1, min(procs, calls))
@@ -153,6 +188,9 @@ def run_load(calls: int, seconds: float, procs: int, ws: str, loop: str) -> RunR
             cpu1, t1 = _cpu_seconds(server.pid), time.monotonic()
             outputs = [job.get(timeout=seconds + 60) for job in jobs]
     finally:
+        stop.set()
+        if scraper.is_alive():
+            scraper.join(timeout=10)
         server.terminate()
         try:
             server.wait(timeout=10)
@@ -172,6 +210,7 @@ def run_load(calls: int, seconds: float, procs: int, ws: str, loop: str) -> RunR
         window_s=t1 - t0,
         server_cpu_s=cpu1 - cpu0,
         carrier_cpu_s=sum(out["cpu_s"] for out in outputs),
+        scrapes=scrapes[0],
     )
 
 
@@ -182,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--ws", default=WS_IMPLEMENTATION)
     srv.add_argument("--loop", default="auto")
+    srv.add_argument("--metrics", choices=["on", "off"], default="on")
     parser.add_argument("--calls", type=int, nargs="+", default=[10, 50, 100, 150, 200])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each call")
     parser.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
@@ -189,39 +229,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop", default="auto", help="uvicorn event loop: auto (uvloop if installed), asyncio"
     )
+    parser.add_argument(
+        "--metrics",
+        choices=["on", "off", "both"],
+        default="on",
+        help="the gateway's Prometheus metrics (on: /metrics scraped meanwhile); both: off then on per N",
+    )
+    parser.add_argument("--scrape-s", type=float, default=1.0, help="with metrics on: scrape this often")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.port, args.ws, args.loop)
+        serve(args.port, args.ws, args.loop, metrics=args.metrics == "on")
         return 0
     if max(args.calls) > MAX_CALLS or not 3 <= args.seconds <= MAX_SECONDS:
         parser.error(f"at most {MAX_CALLS} calls and 3..{MAX_SECONDS} s per call")
 
     print(
         f"echo engine, one uvicorn worker (ws={args.ws}, loop={args.loop}), {args.seconds:g} s calls, "
-        f"{args.procs} carrier processes, {os.cpu_count()} CPUs on this machine"
+        f"{args.procs} carrier processes, {os.cpu_count()} CPUs on this machine, metrics {args.metrics}"
+        + (f" (scraped every {args.scrape_s:g} s)" if args.metrics != "off" else "")
     )
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.metrics]
     header = (
-        f"{'N':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'frames':>9} {'lost':>6} {'viol':>5} "
-        f"{'failed':>6} {'gw CPU/call':>12} {'gw CPU':>7} {'carrier CPU':>12}"
+        f"{'N':>5} {'metrics':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'frames':>9} {'lost':>6} "
+        f"{'viol':>5} {'failed':>6} {'gw CPU/call':>12} {'gw CPU':>7} {'carrier CPU':>12}"
     )
     print(header)
     rows = []
-    for n in args.calls:
-        r = run_load(n, args.seconds, args.procs, args.ws, args.loop)
+    for n, metrics in ((n, m) for n in args.calls for m in modes):
+        r = run_load(n, args.seconds, args.procs, args.ws, args.loop, metrics, args.scrape_s)
         lat = r.latencies_ms
         p50, p99, pmax = (np.percentile(lat, q) for q in (50, 99, 100)) if lat.size else (np.nan,) * 3
         lost = r.frames_expected - r.frames_received
         gw_cores = r.server_cpu_s / r.window_s
+        shown = f"on/{r.scrapes}" if metrics else "off"
         print(
-            f"{n:>5} {p50:>8.2f} {p99:>8.2f} {pmax:>8.1f} {lat.size:>9} {lost:>6} {r.violations:>5} "
-            f"{r.failed_calls:>6} {r.cpu_per_call_pct:>11.2f}% {100 * gw_cores:>6.0f}% "
+            f"{n:>5} {shown:>7} {p50:>8.2f} {p99:>8.2f} {pmax:>8.1f} {lat.size:>9} {lost:>6} "
+            f"{r.violations:>5} {r.failed_calls:>6} {r.cpu_per_call_pct:>11.2f}% {100 * gw_cores:>6.0f}% "
             f"{r.carrier_cpu_s / args.seconds * 100:>11.0f}%",
             flush=True,
         )
         rows.append(
             {
                 "calls": n,
+                "metrics": metrics,
+                "scrapes": r.scrapes,
                 "p50_ms": p50,
                 "p99_ms": p99,
                 "max_ms": pmax,

@@ -23,7 +23,7 @@ import math
 import secrets
 import statistics
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,8 @@ STEP_TIMES_KEPT_S = 10.0  # admission looks at the step times of the last 10 s o
 PROBE_INTERVAL_S = 2.0  # a verdict over budget older than this is re-measured before a call is refused
 PROBE_REPEATS = 3  # steps per re-measurement (their median counts)
 
+StepObserver = Callable[[int, float], None]  # (step size, seconds), called on the model thread
+
 
 def _p90(values: collections.abc.Iterable[float]) -> float:
     ordered = sorted(values)
@@ -79,6 +81,8 @@ class WorkerStats:
     window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50), repr=False)
     # size -> (time taken, seconds), newest last
     by_size: dict[int, collections.deque[tuple[float, float]]] = field(default_factory=dict, repr=False)
+    # told of every live step (e.g. the gateway's metrics); one that raises is dropped
+    observers: list[StepObserver] = field(default_factory=list, repr=False)
 
     def record(self, seconds: float, size: int) -> None:
         """A live step of `size` that took `seconds`."""
@@ -87,6 +91,13 @@ class WorkerStats:
         self.window.append(seconds)
         self.recent_step_s = _p90(self.window)
         self._add(size, seconds, time.monotonic())
+        for observer in tuple(self.observers):
+            try:
+                observer(size, seconds)
+            except Exception:
+                log.exception("engine: step observer %r failed; dropped", observer)
+                if observer in self.observers:
+                    self.observers.remove(observer)
 
     def remeasured(self, size: int, seconds: list[float], at: float | None = None) -> None:
         """Fresh timings of `size` replace what was known of it."""

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.api import Engine, EngineSession, SessionSpec
+from engine.api import Engine, EngineBusy, EngineSession, SessionSpec
 from gateway.agents.prompts import RolePrompt, prepare_role_prompt, reanchor_prompt
 from gateway.agents.templates import PromptError, PromptRenderer
 from gateway.call.escalation import EscalationActions, EscalationPolicy, escalate
@@ -24,6 +24,7 @@ from gateway.call.notices import CallNotice, NoticeHook, NoticeKind
 from gateway.call.session import CallSession
 from gateway.config import AgentConfig, GatewayConfig
 from gateway.ops.auth_throttle import AuthThrottle
+from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.records import CallRecord
 from gateway.ops.webhooks import WebhookEvent, WebhookSender
 
@@ -143,6 +144,7 @@ class Switchboard:
         self.notice_hooks.append(self._escalation_trigger)
         self.webhooks = WebhookSender() if config.webhooks.url else None
         self.notice_hooks.append(self._publish_notice)
+        self.metrics: GatewayMetrics | None = None  # set by the app when metrics are on
 
     # --- escalation -----------------------------------------------------------------------------------
 
@@ -242,6 +244,9 @@ class Switchboard:
             log.error("call %s: agent %s has no usable role prompt: %s", call.call_id, agent.name, exc)
             raise
         self.role_prompts[call.call_id] = role
+        metrics = self.metrics
+        if metrics is not None and role.crm is not None:
+            metrics.crm_lookup(role.crm.status, role.crm.elapsed_s, role.crm.cached)
         while len(self.role_prompts) > ROLE_PROMPTS_KEPT:
             self.role_prompts.popitem(last=False)
         crm = role.crm.summary() if role.crm is not None else None
@@ -251,7 +256,16 @@ class Switchboard:
         if role.degraded:
             log.warning("call %s: CRM record left out of the prompt: %s", call.call_id, role.degraded)
         spec = SessionSpec(voice=agent.voice, prompt=role.text, seed=agent.seed, sampling=agent.sampling)
-        return await self.engine.open(spec)
+        if metrics is None:
+            return await self.engine.open(spec)
+        asked = time.perf_counter()
+        try:
+            session = await self.engine.open(spec)
+        except EngineBusy as exc:
+            metrics.refused(str(exc))
+            raise
+        metrics.primed(time.perf_counter() - asked)
+        return session
 
     def notice(self, notice: CallNotice) -> None:
         for hook in self.notice_hooks:

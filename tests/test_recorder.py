@@ -31,10 +31,12 @@ def _control_key(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
 
 
-async def stored_record(live: Any, call_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+async def stored_record(
+    live: Any, call_id: str, timeout_s: float = 5.0, api_key: str = API_KEY
+) -> dict[str, Any]:
     """The call's record from GET /v1/records/{call_id}, waiting (bounded) for the recorder to store it."""
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as client:
         while True:
             response = await client.get(f"{live.base_url}/v1/records/{call_id}")
             if response.status_code == 200 or time.monotonic() > deadline:

@@ -1,5 +1,6 @@
 """The FastAPI app: assembles the rooms (switchboard, control plane, each configured carrier's routes) and
-serves every carrier's voice webhook and media stream, `/healthz` and `/readyz`.
+serves every carrier's voice webhook and media stream, `/healthz`, `/readyz` and `/metrics` (Prometheus,
+behind the control API's key; gateway/ops/metrics.py).
 
 A voice webhook (`/<carrier>/voice`) starts priming the engine session while the phone rings and answers
 in the carrier's markup at once, with a single-use token bound to the call; the media stream
@@ -27,6 +28,8 @@ from gateway.config import GatewayConfig
 from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import serve_media_stream
 from gateway.ops.control import install_control
+from gateway.ops.dashboard import install_dashboard
+from gateway.ops.metrics import GatewayMetrics
 from gateway.switchboard import PreparedCall, Switchboard
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,9 @@ def build_carriers(config: GatewayConfig) -> dict[str, Carrier]:
     return {name: carrier_class(name)(settings, public_url) for name, settings in config.carriers.items()}
 
 
-def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
-    """Build the gateway app for `config`, serving calls from `engine` (which the caller owns)."""
+def create_app(config: GatewayConfig, engine: Engine, *, metrics: bool = True) -> FastAPI:
+    """Build the gateway app for `config`, serving calls from `engine` (which the caller owns); with
+    `metrics`, its own Prometheus registry behind `GET /metrics`."""
     carriers = build_carriers(config)
 
     async def transfer(call: CallSession, target: str) -> bool:
@@ -55,6 +59,10 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     control = install_control(gateway)  # call store, records, control API
     control.recorder.record_hooks.append(gateway.publish_record)  # call.ended carries the record
     gateway.prepared.on_expire = control.recorder.record_unstreamed  # every call gets a record
+    if metrics:  # fed per call (notices, records), per engine step and per scrape; never per audio message
+        gateway.metrics = GatewayMetrics(gateway)
+        gateway.notice_hooks.append(gateway.metrics.on_notice)
+        control.recorder.record_hooks.append(gateway.metrics.on_record)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,9 +84,13 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
                     carrier.name,
                 )
         await control.start()
+        if gateway.metrics is not None:
+            await gateway.metrics.start()
         yield
         await gateway.shutdown()
         await control.aclose()
+        if gateway.metrics is not None:
+            await gateway.metrics.aclose()
         if gateway.webhooks is not None:
             await gateway.webhooks.aclose()  # bounded: delivers what it can of the last events
 
@@ -88,6 +100,9 @@ def create_app(config: GatewayConfig, engine: Engine) -> FastAPI:
     app.state.gateway = gateway
     app.state.control = control
     app.include_router(control.router)
+    install_dashboard(app, control)  # /dashboard: pages over the store, behind the control API's key
+    if gateway.metrics is not None:
+        app.include_router(control.metrics_router(gateway.metrics.render))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -146,6 +161,8 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
                 gateway.auth_throttle.failed(address)
             return PlainTextResponse(str(exc), status_code=exc.status)
         if gateway.draining:  # the carrier then follows the number's fallback, if one is set
+            if gateway.metrics is not None:
+                gateway.metrics.refused("draining")
             return Response("draining", status_code=503, media_type="text/plain")
         call_id = answering.call_id
         agent = config.agent_for(answering.called)

@@ -3,7 +3,8 @@ stands on: the call store chosen by `[store]`, the call recorder, and the task t
 by other replicas to the calls this one holds.
 
 Every route needs `Authorization: Bearer <key>`, the key read from the variable named by
-`[control] api_key_env`; without it set, the API answers 503 and does nothing.
+`[control] api_key_env`; without it set, the API answers 503 and does nothing. `GET /metrics` (Prometheus)
+is guarded the same way (`metrics_router`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
@@ -211,6 +212,17 @@ class ControlPlane:
             if record is None:
                 raise HTTPException(404, f"no record of call {call_id} (live calls: GET /v1/calls/{call_id})")
             return record.to_dict()
+
+        return router
+
+    def metrics_router(self, render: Callable[[], tuple[bytes, str]]) -> APIRouter:
+        """`GET /metrics`: what `render` returns (body, content type), behind the control API's key."""
+        router = APIRouter(dependencies=[Depends(self._authorise)], tags=["metrics"])
+
+        @router.get("/metrics")
+        async def metrics() -> Response:
+            body, content_type = render()
+            return Response(body, media_type=content_type)
 
         return router
 
