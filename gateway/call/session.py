@@ -131,7 +131,7 @@ class CallSession:
         self._escalates = escalates  # triggers escalation takes over from their default course
         self._spoken = ""  # the agent's most recent words, for phrase triggers
         self._engine_lost = False
-        # Voice activity of both sides on the call clock, for the record's quality measures (~40 us a frame)
+        # Voice activity of both sides on the call clock, for the record's quality measures (~25 us a frame each side)
         self.timeline: DuplexTimeline | None = DuplexTimeline()
 
     # --- clocks -------------------------------------------------------------------------------------
