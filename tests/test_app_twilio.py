@@ -110,7 +110,9 @@ async def test_signed_call_through_webhook_hears_its_own_echo(start_gateway, ton
 async def test_every_frame_is_followed_by_a_mark_that_is_echoed_once(live_gateway, tone_wav) -> None:
     summary = await simulate_call(live_gateway.ws_url, tone_wav(440, 0.6), tail_s=0.3)
     events = [event for _, event in summary.outbound_log]
-    assert events == ["media", "mark"] * summary.media_received
+    marked = summary.marks_received
+    assert marked > 0 and events[: 2 * marked] == ["media", "mark"] * marked
+    assert events[2 * marked :] in ([], ["media"])  # the call may end between the last media and its mark
     assert summary.marks_echoed >= summary.marks_received - 2  # the last may still be playing at stop
 
 

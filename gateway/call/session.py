@@ -58,6 +58,7 @@ REANCHOR_PIECES = 60  # the agent's last text pieces carried into a re-anchored 
 # Caller frames kept while the engine session primes (a stream that starts before its prime is done): the
 # engine hears them once it is ready; beyond this (2 s) the oldest go.
 EARLY_FRAMES_KEPT = 25
+STOP_GRACE_S = 0.5  # after a failed send, how long the carrier's own stop may take to arrive
 SPOKEN_WINDOW_CHARS = 300  # the agent's recent words that phrase triggers look at
 
 SendCommand = Callable[[OutboundCommand], Awaitable[None]]
@@ -131,7 +132,7 @@ class CallSession:
         self._escalates = escalates  # triggers escalation takes over from their default course
         self._spoken = ""  # the agent's most recent words, for phrase triggers
         self._engine_lost = False
-        # Voice activity of both sides on the call clock, for the record's quality measures (~25 us a frame each side)
+        # Voice activity of both sides on the call clock, for the record's quality measures (~25 us a side)
         self.timeline: DuplexTimeline | None = DuplexTimeline()
 
     # --- clocks -------------------------------------------------------------------------------------
@@ -367,8 +368,13 @@ class CallSession:
         except SessionClosed as exc:  # the engine lost the session (a failed step, a dead worker)
             lost = str(exc)
         except Exception as exc:  # a send to a vanished carrier
-            log.warning("call %s: agent stream failed (%r)", self.call_id, exc)
-            await self.end("agent_stream_failed", notify_carrier=False)
+            # Its `stop` (or close) may still be on its way through the stream's reader: let that say why
+            # the call ended, and call it a failure only if nothing does.
+            try:
+                await asyncio.wait_for(self._ended.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                log.warning("call %s: agent stream failed (%r)", self.call_id, exc)
+                await self.end("agent_stream_failed", notify_carrier=False)
             return
         if not self.ended:  # the engine ended the session on its own
             self._on_engine_lost(lost or "the session ended")
