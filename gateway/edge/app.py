@@ -27,6 +27,7 @@ from gateway.carriers.base import Carrier, CarrierRoute, WebhookRefused
 from gateway.config import GatewayConfig
 from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import serve_media_stream
+from gateway.ops.auth_throttle import client_address
 from gateway.ops.control import install_control
 from gateway.ops.dashboard import install_dashboard
 from gateway.ops.metrics import GatewayMetrics
@@ -146,20 +147,10 @@ def create_app(config: GatewayConfig, engine: Engine, *, metrics: bool = True) -
 def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: GatewayConfig) -> None:
     """`carrier`'s voice webhook and media stream."""
 
-    async def voice(request: Request) -> Response:
-        address = request.client.host if request.client else "?"
-        if wait_s := gateway.auth_throttle.blocked(address):
-            return too_many_failures(wait_s)
-        body = await request.body()  # capped by BodyLimit before any of it was read
-        try:
-            answering = carrier.read_answer(
-                request.method, request.url.path, request.url.query, body, request.headers
-            )
-        except WebhookRefused as exc:
-            log.warning("%s voice webhook from %s refused: %s", carrier.name, address, exc)
-            if exc.auth_failed:
-                gateway.auth_throttle.failed(address)
-            return PlainTextResponse(str(exc), status_code=exc.status)
+    async def voice(request: Request, body: bytes) -> Response:
+        answering = carrier.read_answer(
+            request.method, request.url.path, request.url.query, body, request.headers
+        )
         if gateway.draining:  # the carrier then follows the number's fallback, if one is set
             if gateway.metrics is not None:
                 gateway.metrics.refused("draining")
@@ -197,43 +188,56 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
     for route in carrier.routes():
         app.add_api_route(
             f"/{carrier.name}/{route.path.lstrip('/')}",
-            _route_endpoint(route, carrier, gateway),
+            _guarded(_route_answer(route), f"{carrier.name} {route.path}", gateway),
             methods=list(route.methods),
             name=f"{carrier.name}_{route.path.strip('/').replace('/', '_')}",
         )
 
     app.add_api_route(
-        carrier.voice_path, voice, methods=list(carrier.voice_methods), name=f"{carrier.name}_voice"
+        carrier.voice_path,
+        _guarded(voice, f"{carrier.name} voice webhook", gateway),
+        methods=list(carrier.voice_methods),
+        name=f"{carrier.name}_voice",
     )
     app.add_api_websocket_route(carrier.media_path, media, name=f"{carrier.name}_media")
 
 
-def _route_endpoint(
-    route: CarrierRoute, carrier: Carrier, gateway: Switchboard
+CarrierHandler = Callable[[Request, bytes], Awaitable[Response]]
+
+
+def _guarded(
+    handle: CarrierHandler, what: str, gateway: Switchboard
 ) -> Callable[[Request], Awaitable[Response]]:
+    """A carrier's HTTP route: an address over its failed-auth allowance is refused unread; the body (capped
+    by BodyLimit before any of it was read) goes to `handle`, whose WebhookRefused becomes its answer and,
+    for a failed authentication, counts against the sender."""
+
     async def endpoint(request: Request) -> Response:
-        address = request.client.host if request.client else "?"
-        if wait_s := gateway.auth_throttle.blocked(address):
-            return too_many_failures(wait_s)
-        body = await request.body()  # capped by BodyLimit before any of it was read
+        address = client_address(request)
+        if (retry := gateway.auth_throttle.retry_after(address)) is not None:
+            return too_many_failures(retry)
+        body = await request.body()
         try:
-            status, text, media_type = await route.handle(
-                request.method, request.url.path, request.url.query, body, request.headers
-            )
+            return await handle(request, body)
         except WebhookRefused as exc:
-            log.warning("%s %s from %s refused: %s", carrier.name, route.path, address, exc)
+            log.warning("%s from %s refused: %s", what, address, exc)
             if exc.auth_failed:
                 gateway.auth_throttle.failed(address)
             return PlainTextResponse(str(exc), status_code=exc.status)
-        return Response(text, status_code=status, media_type=media_type)
 
     return endpoint
 
 
-def too_many_failures(wait_s: float) -> Response:
+def _route_answer(route: CarrierRoute) -> CarrierHandler:
+    async def handle(request: Request, body: bytes) -> Response:
+        status, text, media_type = await route.handle(
+            request.method, request.url.path, request.url.query, body, request.headers
+        )
+        return Response(text, status_code=status, media_type=media_type)
+
+    return handle
+
+
+def too_many_failures(retry_after: dict[str, str]) -> Response:
     """The answer to an address over its failed-authentication allowance."""
-    return PlainTextResponse(
-        "too many failed authentications; try later",
-        status_code=429,
-        headers={"Retry-After": str(max(1, round(wait_s)))},
-    )
+    return PlainTextResponse("too many failed authentications; try later", 429, headers=retry_after)

@@ -20,6 +20,7 @@ from gateway.call.events import CallerAudio, CallStarted, EndStream, MalformedMe
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.carriers.base import TOKEN_PARAMETER, Carrier, CarrierStream
+from gateway.ops.auth_throttle import client_address
 from gateway.switchboard import Switchboard
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,8 @@ async def serve_media_stream(websocket: WebSocket, carrier: Carrier, gateway: Sw
     """One carrier media stream from upgrade to close; works for any carrier whose stream reports
     CallStarted."""
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "?"
-    address = websocket.client.host if websocket.client else "?"
-    if wait_s := gateway.auth_throttle.blocked(address):
-        retry = {"Retry-After": str(max(1, round(wait_s)))}
+    address = client_address(websocket)
+    if (retry := gateway.auth_throttle.retry_after(address)) is not None:
         await websocket.send_denial_response(PlainTextResponse("too many failed authentications", 429, retry))
         return
     query = dict(websocket.query_params)

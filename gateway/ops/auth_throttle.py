@@ -13,7 +13,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from starlette.requests import HTTPConnection
+
 MAX_ADDRESSES = 10_000  # addresses remembered at once (one small entry each)
+
+
+def client_address(connection: HTTPConnection) -> str:
+    """The peer address a request or WebSocket is counted under."""
+    return connection.client.host if connection.client else "?"
 
 
 class AuthThrottle:
@@ -47,6 +54,12 @@ class AuthThrottle:
             return 0.0
         self.refused += 1
         return left
+
+    def retry_after(self, address: str) -> dict[str, str] | None:
+        """The `Retry-After` header for an address over its allowance (the refusal is counted), or None
+        when it may try now."""
+        wait_s = self.blocked(address)
+        return {"Retry-After": str(max(1, round(wait_s)))} if wait_s else None
 
     def failed(self, address: str) -> None:
         """Record one failed authentication from `address`."""

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.call.notices import CallNotice, Escalation, NoticeKind
 from gateway.call.session import CallSession
+from gateway.ops.auth_throttle import client_address
 from gateway.ops.recorder import CallRecorder
 from gateway.ops.redis_store import RedisStore
 from gateway.ops.store import (
@@ -155,20 +156,25 @@ class ControlPlane:
         env = self.gateway.config.control.api_key_env
         if self.api_key is None:
             raise HTTPException(503, f"control API disabled: set {env} (see [control] in the config)")
-        address = request.client.host if request.client else "?"
+        address = client_address(request)
         throttle = self.gateway.auth_throttle
-        if wait_s := throttle.blocked(address):
-            raise HTTPException(
-                429, "too many failed authentications; try later", {"Retry-After": str(max(1, round(wait_s)))}
-            )
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.api_key.encode()
-        ):
+        if (retry := throttle.retry_after(address)) is not None:
+            raise HTTPException(429, "too many failed authentications; try later", retry)
+        if not self.bearer_matches(request.headers.get("authorization", "")):
             throttle.failed(address)
             raise HTTPException(
                 401, f"send Authorization: Bearer <the key in {env}>", headers={"WWW-Authenticate": "Bearer"}
             )
+
+    def bearer_matches(self, authorization: str) -> bool:
+        """Whether an `Authorization` header value is `Bearer <the API key>` (compared in constant time)."""
+        scheme, _, given = authorization.partition(" ")
+        key = self.api_key
+        return (
+            key is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), key.encode())
+        )
 
     def _routes(self) -> APIRouter:
         router = APIRouter(prefix="/v1", dependencies=[Depends(self._authorise)], tags=["control"])

@@ -36,6 +36,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import DictLoader, Environment, StrictUndefined
 from markupsafe import Markup
 
+from gateway.ops.auth_throttle import client_address
 from gateway.ops.store import StoreError
 
 if TYPE_CHECKING:
@@ -595,15 +596,14 @@ class Dashboard:
         key = self.control.api_key
         if key is None:
             return self._disabled()
-        address = request.client.host if request.client else "?"
+        address = client_address(request)
         throttle = self.control.gateway.auth_throttle
-        if wait_s := throttle.blocked(address):
-            return self._throttled(wait_s)
+        if (retry := throttle.retry_after(address)) is not None:
+            return self._throttled(retry)
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         header = request.headers.get("authorization")
         if header is not None:
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+            if self.control.bearer_matches(header):
                 return None
             throttle.failed(address)
             return self._login(401, here, "wrong key")
@@ -617,9 +617,8 @@ class Dashboard:
             throttle.failed(address)
         return self._login(401, here, "please sign in again")
 
-    def _throttled(self, wait_s: float) -> Response:
-        retry = str(max(1, round(wait_s)))
-        return self._message(429, "Too many failed sign-ins", "try later", **{"Retry-After": retry})
+    def _throttled(self, retry_after: dict[str, str]) -> Response:
+        return self._message(429, "Too many failed sign-ins", "try later", **retry_after)
 
     def _routes(self) -> APIRouter:
         router = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -667,10 +666,10 @@ class Dashboard:
             key = self.control.api_key
             if key is None:
                 return self._disabled()
-            address = request.client.host if request.client else "?"
+            address = client_address(request)
             throttle = self.control.gateway.auth_throttle
-            if wait_s := throttle.blocked(address):
-                return self._throttled(wait_s)
+            if (retry := throttle.retry_after(address)) is not None:
+                return self._throttled(retry)
             try:
                 form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=8)
             except ValueError:  # more fields than the form has
