@@ -136,6 +136,7 @@ class _Prime:
     done: asyncio.Future[None]
     fresh: bool
     job: PrefillJob | None = None
+    voice: _Voice | None = None  # the voice it primes with, once planned (its prefix is cached there)
     cancelled: bool = False  # its caller went away: dropped at the next tick boundary
 
     @property
@@ -463,12 +464,13 @@ class EngineWorker:
                 )
             self.runner.configure(session.slot, session.spec.sampling, session.seed)
             prime.job = self.runner.begin_prefill(session.slot, plan, voice.prefix)
+            prime.voice = voice
         job, before = prime.job, prime.job.done
         finished = self.runner.prefill_chunk(job, positions)
         if finished:
             prefill = self.runner.finish_prefill(job)
-            voice = self._voice(session.spec.voice)
-            if voice.prefix is None:
+            voice = prime.voice
+            if voice is not None and voice.prefix is None:
                 voice.prefix = prefill.prefix
             session.prompt_positions = job.plan.length
             session.text_start = job.plan.voice_positions
