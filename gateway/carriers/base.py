@@ -54,6 +54,11 @@ class CallControlError(RuntimeError):
     """The carrier's REST API refused or never answered a call update."""
 
 
+class AnsweredWithoutStream(RuntimeError):
+    """A voice webhook answered the simulated carrier with no stream: the gateway's overflow (a message and
+    a hang-up, or a transfer) or a 503. The message says what the call did, e.g. "transferred to +1555..."."""
+
+
 @dataclass(frozen=True)
 class Answering:
     """What a voice webhook says about the call being answered."""
@@ -177,6 +182,13 @@ class Carrier(ABC):
     def answer(self, call: Answering, stream_url: str, token: str) -> tuple[str, str]:
         """(body, media type) that connects `call` to `stream_url`, carrying `token` where this carrier
         hands it back on the stream."""
+
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> tuple[str, str] | None:
+        """(body, media type) that answers `call` when no agent is free: says `message` (when not empty),
+        then transfers the call to `transfer_to` (a number or sip: URI) or, without one, hangs up. None
+        when this carrier's answer cannot say so (no answer webhook, or one that can only name a stream):
+        the webhook then answers 503 and the carrier's own fallback takes the call."""
+        return None
 
     # --- media stream --------------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ from gateway.carriers.base import (
     basic_header,
 )
 from gateway.carriers.wire import (
+    answer_text,
     b64,
     compact,
     dtmf_digit,
@@ -255,6 +256,12 @@ class ExotelCarrier(Carrier):
         url = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
         return compact({"url": url}), "application/json"
 
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> None:
+        # The Voicebot applet's URL can answer only a stream URL ({"url": ...}): no verb speaks or dials.
+        # The webhook answers 503 instead and the flow decides (what Exotel does when the applet's URL
+        # fails is undocumented; configure the flow's next applet for it).
+        return None
+
     # --- media stream --------------------------------------------------------------------------------
 
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
@@ -336,17 +343,12 @@ class ExotelPeer(CarrierPeer):
         credentials = self.credentials()
         headers = {"Authorization": basic_header(*credentials)} if credentials else {}
         response = await client.get(webhook, params=query, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"voicebot URL {webhook} answered {response.status_code}: {response.text[:200]}"
-            )
+        text = answer_text(response, f"voicebot URL {webhook}")
         try:
-            url = orjson.loads(response.content)["url"]
+            url = orjson.loads(text)["url"]
             parts = urlsplit(url)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise RuntimeError(
-                f"voicebot URL {webhook}: no JSON {{'url': ...}}: {response.text[:300]}"
-            ) from None
+            raise RuntimeError(f"voicebot URL {webhook}: no JSON {{'url': ...}}: {text[:300]}") from None
         if parts.scheme not in ("ws", "wss"):
             raise RuntimeError(
                 f"voicebot URL {webhook} answered a stream URL that is not ws(s)://: {url[:200]}"

@@ -8,7 +8,9 @@ every webhook, both sign the REST calls. `[plivo] content_type` picks the stream
 
 The per-call token rides in the `<Stream>`'s `extraHeaders` (Plivo allows only [A-Za-z0-9] in values; the
 token is hex) and comes back in the start message's `extra_headers`. A transfer points the call's A leg at
-`<public_url>/plivo/transfer/<one-time id>`, which this carrier serves once with the `<Dial>` XML.
+`<public_url>/plivo/transfer/<one-time id>`, which this carrier serves once with the `<Dial>` XML. When no
+agent is free the answer `<Speak>`s the configured message, then `<Dial>`s the overflow number the same way
+or `<Hangup/>`s.
 
 GUESSES (not confirmed by Plivo's reference): Plivo signs nothing on the WebSocket upgrade (the token
 vouches for the stream); `extra_headers` comes back as "k=v;k2=v2" (",", a separator in the XML attribute,
@@ -67,7 +69,19 @@ from gateway.carriers.base import (
     basic_header,
     rest_request,
 )
-from gateway.carriers.wire import b64, compact, dtmf_digit, section, sent_text, text_object
+from gateway.carriers.wire import (
+    answer_text,
+    b64,
+    compact,
+    dtmf_digit,
+    hangup_markup,
+    raise_on_overflow,
+    section,
+    sent_text,
+    spoken,
+    text_object,
+    xml_document,
+)
 
 SIGNATURE_HEADER = "x-plivo-signature-v3"
 NONCE_HEADER = "x-plivo-signature-v3-nonce"
@@ -237,7 +251,12 @@ class PlivoCarrier(Carrier):
         }
         response = ElementTree.Element("Response")
         ElementTree.SubElement(response, "Stream", attributes).text = stream_url
-        return _xml(response), "application/xml"
+        return xml_document(response), "application/xml"
+
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> tuple[str, str]:
+        """`<Speak>` the message, then `<Dial>` the transfer (as a REST transfer would) or `<Hangup/>`."""
+        xml = dial_xml(transfer_to, message) if transfer_to else hangup_markup(message, "Speak")
+        return xml, "application/xml"
 
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
         return True  # nothing documented signs it; the edge demands the call token when signatures are on
@@ -349,17 +368,14 @@ def parse_extra_headers(raw: object) -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in pairs}
 
 
-def dial_xml(target: str) -> str:
-    """The XML that hands the call to a person: `<Dial><Number>`, or `<Dial><User>` for a SIP URI."""
-    response = ElementTree.Element("Response")
+def dial_xml(target: str, message: str = "") -> str:
+    """The XML that hands the call to a person, after `<Speak>`ing `message` when there is one:
+    `<Dial><Number>`, or `<Dial><User>` for a SIP URI."""
+    response = spoken(message, "Speak")
     dial = ElementTree.SubElement(response, "Dial")
     kind = "User" if target.lower().startswith(("sip:", "sips:")) else "Number"
     ElementTree.SubElement(dial, kind).text = target.removeprefix("+") if kind == "Number" else target
-    return _xml(response)
-
-
-def _xml(root: ElementTree.Element) -> str:
-    return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="unicode")
+    return xml_document(response)
 
 
 def _e164(number: str | None) -> str | None:
@@ -406,16 +422,16 @@ class PlivoPeer(CarrierPeer):
             "Event": "StartApp",
         }
         response = await client.post(webhook, data=form, headers=self.signed_post(webhook, form))
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"answer webhook {webhook} answered {response.status_code}: {response.text[:200]}"
-            )
+        text = answer_text(response, f"answer webhook {webhook}")
         try:
-            stream = ElementTree.fromstring(response.text).find("Stream")
+            root = ElementTree.fromstring(text)
         except ElementTree.ParseError:
-            stream = None
+            root = None
+        stream = root.find("Stream") if root is not None else None
         if stream is None or not (stream.text or "").strip():
-            raise RuntimeError(f"answer webhook {webhook}: no <Stream> url in {response.text[:300]}")
+            if root is not None:
+                raise_on_overflow(root, "Speak")
+            raise RuntimeError(f"answer webhook {webhook}: no <Stream> url in {text[:300]}")
         encoding, _, rate = stream.get("contentType", "audio/x-l16;rate=8000").partition(";rate=")
         self.wire = MediaFormat(encoding=ENCODINGS[encoding], sample_rate=int(rate))
         return StreamTarget(stream.text.strip(), {}, parse_extra_headers(stream.get("extraHeaders", "")))

@@ -4,7 +4,8 @@ cXML is TwiML under another name, so everything here subclasses twilio.py and ov
 the ids (call and project ids are UUIDs, not CA/AC + hex), the signature header and key (a per-project
 Signing Key, sent as `X-SignalWire-Signature`; `X-Twilio-Signature` is accepted too), the REST base (your
 Space), and the codec: `<Connect><Stream codec="L16@24000h">` gets the model's own rate both ways, with no
-mu-law and no resampling (`codec` may also be PCMU@8000h or L16@16000h).
+mu-law and no resampling (`codec` may also be PCMU@8000h or L16@16000h). The answer when no agent is free
+(`<Say>`, then `<Hangup/>` or `<Dial>`) is Twilio's, inherited.
 
 Console: Phone Numbers > your number > Voice settings: handle calls with "LaML Webhooks" (cXML), "When a
 call comes in": `https://<public_url>/signalwire/voice`, POST. Environment: SIGNALWIRE_SIGNING_KEY (API >
@@ -31,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs
-from xml.etree import ElementTree
 
 import httpx
 import orjson
@@ -43,6 +43,7 @@ from gateway.carriers.twilio import (
     TwilioPeer,
     TwilioSettings,
     TwilioStream,
+    answered_stream,
     compute_signature,
 )
 from gateway.carriers.wire import compact
@@ -219,14 +220,7 @@ class SignalWirePeer(TwilioPeer):
         headers = {"User-Agent": self.user_agent}
         if self.secret:
             headers["X-SignalWire-Signature"] = compute_signature(self.secret, webhook, form.items())
-        response = await client.post(webhook, data=form, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"voice webhook {webhook} answered {response.status_code}: {response.text[:200]}"
-            )
-        stream = ElementTree.fromstring(response.text).find("./Connect/Stream")
-        if stream is None or not stream.get("url"):
-            raise RuntimeError(f"voice webhook {webhook}: no <Connect><Stream url>: {response.text[:300]}")
+        stream = answered_stream(await client.post(webhook, data=form, headers=headers), webhook)
         codec = stream.get("codec", "PCMU@8000h")  # SignalWire's default when the markup names none
         if codec not in CODECS:
             raise RuntimeError(

@@ -12,7 +12,8 @@ default, `mp3`, would drop the gateway's audio) and carries two `<Parameter>`s b
 `start.custom_parameters`: the single-use call token, and the webhook's CallSid. That CallSid keys the
 prepared call (CallStarted.call_id) in case it is not the stream's `start.call_control_id`, which is kept
 as CallStarted.control_id for `POST /v2/calls/{call_control_id}/actions/transfer`. TeXML signs no stream
-upgrade, so the token alone vouches for a stream.
+upgrade, so the token alone vouches for a stream. TeXML takes TwiML's verbs unchanged, so the answer when no
+agent is free is twilio.py's: `<Say>`, then `<Hangup/>` or `<Dial><Number>`.
 
 GUESS (not confirmed by Telnyx's docs; verify on a live call):
 - The voice webhook carries the fields of Telnyx's TeXML callbacks: CallSid (call id), From, To.
@@ -71,6 +72,7 @@ from gateway.carriers.base import (
     WebhookRefused,
     rest_request,
 )
+from gateway.carriers.twilio import answered_stream, overflow_twiml
 from gateway.carriers.wire import (
     b64,
     compact,
@@ -85,6 +87,7 @@ from gateway.carriers.wire import (
     text,
     text_object,
     timestamp_ms,
+    xml_document,
 )
 
 log = logging.getLogger(__name__)
@@ -291,6 +294,9 @@ class TelnyxCarrier(Carrier):
         parameters = {TOKEN_PARAMETER: token, CALL_PARAMETER: call.call_id}
         return connect_stream_texml(stream_url, self.wire, parameters), "application/xml"
 
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> tuple[str, str]:
+        return overflow_twiml(message, transfer_to), "application/xml"  # TeXML takes TwiML's verbs
+
     # --- media stream --------------------------------------------------------------------------------
 
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
@@ -330,7 +336,7 @@ def connect_stream_texml(stream_url: str, wire: MediaFormat, parameters: Mapping
     stream = ElementTree.SubElement(connect, "Stream", attributes)
     for name, value in parameters.items():
         ElementTree.SubElement(stream, "Parameter", name=name, value=value)
-    return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(response, encoding="unicode")
+    return xml_document(response)
 
 
 def _parse_media(data: dict[str, Any]) -> CallerAudio:
@@ -415,14 +421,7 @@ class TelnyxPeer(CarrierPeer):
         if self.secret:
             timestamp = str(int(time.time()))
             headers |= {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self.secret, timestamp, body)}
-        response = await client.post(webhook, content=body, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"voice webhook {webhook} answered {response.status_code}: {response.text[:150]}"
-            )
-        stream = ElementTree.fromstring(response.text).find("./Connect/Stream")
-        if stream is None or not stream.get("url"):
-            raise RuntimeError(f"voice webhook {webhook}: no <Connect><Stream url>: {response.text[:300]}")
+        stream = answered_stream(await client.post(webhook, content=body, headers=headers), webhook)
         if stream.get("bidirectionalMode") != "rtp":  # Telnyx's default, mp3, drops streamed audio
             raise RuntimeError(f"voice webhook {webhook}: <Stream> is not bidirectionalMode='rtp'")
         codec = (

@@ -50,19 +50,24 @@ from gateway.carriers.base import (
     rest_request,
 )
 from gateway.carriers.wire import (
+    answer_text,
     b64,
     compact,
     dtmf_digit,
     guarded,
+    hangup_markup,
     media_payload,
+    raise_on_overflow,
     section,
     sent_event,
     sent_mark,
     sent_object,
     sent_payload,
+    spoken,
     text,
     text_object,
     timestamp_ms,
+    xml_document,
 )
 
 SIGNATURE_HEADER = "x-twilio-signature"
@@ -226,6 +231,9 @@ class TwilioCarrier(Carrier):
         twiml = connect_stream_twiml(stream_url, {TOKEN_PARAMETER: token}, self.stream_attributes())
         return twiml, "application/xml"
 
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> tuple[str, str]:
+        return overflow_twiml(message, transfer_to), "application/xml"
+
     def stream_attributes(self) -> dict[str, str]:
         """Attributes of the answer's `<Stream>` besides its url."""
         return {}
@@ -344,20 +352,23 @@ def connect_stream_twiml(
         if len(name) + len(value) >= _MAX_PARAMETER_CHARS:
             raise ValueError(f"stream parameter {name!r} is too long (name + value < 500 chars)")
         ElementTree.SubElement(stream, "Parameter", name=name, value=value)
-    return _xml(response)
+    return xml_document(response)
 
 
-def dial_twiml(target: str) -> str:
-    """TwiML that hands the call to a person: `<Dial><Number>` for a number, `<Dial><Sip>` for a SIP URI."""
-    response = ElementTree.Element("Response")
+def dial_twiml(target: str, message: str = "") -> str:
+    """TwiML that hands the call to a person, after `<Say>`ing `message` when there is one: `<Dial><Number>`
+    for a number, `<Dial><Sip>` for a SIP URI."""
+    response = spoken(message, "Say")
     dial = ElementTree.SubElement(response, "Dial")
     kind = "Sip" if target.lower().startswith(("sip:", "sips:")) else "Number"
     ElementTree.SubElement(dial, kind).text = target
-    return _xml(response)
+    return xml_document(response)
 
 
-def _xml(root: ElementTree.Element) -> str:
-    return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="unicode")
+def overflow_twiml(message: str, transfer_to: str | None) -> str:
+    """The answer when no agent is free: `<Say>` the message, then `<Dial>` the transfer or `<Hangup/>`
+    (TwiML's verbs, which cXML and TeXML take unchanged)."""
+    return dial_twiml(transfer_to, message) if transfer_to else hangup_markup(message, "Say")
 
 
 def _parse_media(data: dict[str, Any]) -> CallerAudio:
@@ -490,13 +501,23 @@ async def post_answer(
     headers = {"User-Agent": user_agent}
     if secret:
         headers[SIGNATURE_HEADER] = compute_signature(secret, webhook, form.items())
-    response = await client.post(webhook, data=dict(form), headers=headers)
-    if response.status_code != 200:
-        raise RuntimeError(f"voice webhook {webhook} answered {response.status_code}: {response.text[:200]}")
-    stream = ElementTree.fromstring(response.text).find("./Connect/Stream")
-    if stream is None or not stream.get("url"):
-        raise RuntimeError(f"voice webhook {webhook}: no <Connect><Stream url>: {response.text[:300]}")
+    stream = answered_stream(await client.post(webhook, data=dict(form), headers=headers), webhook)
     return stream.get("url", ""), {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+
+
+def answered_stream(response: httpx.Response, webhook: str) -> ElementTree.Element:
+    """The `<Connect><Stream url>` of a voice webhook's TwiML (or cXML, or TeXML); AnsweredWithoutStream
+    for an answer that says and hangs up or dials instead, or a 503; RuntimeError for anything else."""
+    text = answer_text(response, f"voice webhook {webhook}")
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        raise RuntimeError(f"voice webhook {webhook}: not XML ({exc}): {text[:300]}") from None
+    stream = root.find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise_on_overflow(root, "Say")
+        raise RuntimeError(f"voice webhook {webhook}: no <Connect><Stream url>: {text[:300]}")
+    return stream
 
 
 async def fetch_twiml(

@@ -10,7 +10,8 @@ signs nothing on the WebSocket upgrade: the NCCO's endpoint `headers` carry the 
 uuid, and come back flattened into the first text message, `websocket:connected`; that token alone vouches
 for the stream. Caller audio arrives as binary frames of little-endian 16-bit PCM, agent audio goes back the
 same way in 20 ms frames; marks are `notify` actions echoed as `websocket:notify` once the audio before them
-has played.
+has played. When no agent is free the NCCO `talk`s the message, then `connect`s to the overflow number as a
+transfer does, or ends (the call ends with its NCCO).
 
 GUESSES (not confirmed by Vonage's reference): the headers arrive flattened at the top level of
 `websocket:connected` (third-party code says so); Vonage wants 20 ms outbound frames (its tutorial sends
@@ -55,6 +56,7 @@ from gateway.call.events import (
 )
 from gateway.carriers.base import (
     TOKEN_PARAMETER,
+    AnsweredWithoutStream,
     Answering,
     Carrier,
     CarrierPeer,
@@ -66,7 +68,7 @@ from gateway.carriers.base import (
     WebhookRefused,
     rest_request,
 )
-from gateway.carriers.wire import compact, dtmf_digit, json_object, sent_json
+from gateway.carriers.wire import answer_text, compact, dtmf_digit, json_object, overflow_words, sent_json
 
 CALL_HEADER = "call_uuid"  # the NCCO header naming the call (Vonage's connected message need not say it)
 FRAME_S = 0.02  # Vonage's audio frame both ways
@@ -221,6 +223,14 @@ class VonageCarrier(Carrier):
         }
         return compact([{"action": "connect", "endpoint": [endpoint]}]), "application/json"
 
+    def overflow(self, call: Answering, message: str, transfer_to: str | None) -> tuple[str, str] | None:
+        """`talk` the message, then `connect` to the transfer as a REST transfer would; the call ends
+        with its NCCO. An NCCO needs an action: with nothing to say and nowhere to go, None."""
+        ncco = [{"action": "talk", "text": message.strip()}] if message.strip() else []
+        if transfer_to:
+            ncco.append(connect_action(transfer_to))
+        return (compact(ncco), "application/json") if ncco else None
+
     def verify_upgrade(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
         return True  # Vonage signs no upgrade; the edge demands the call token when signatures are on
 
@@ -300,14 +310,16 @@ def application_jwt(application_id: str, private_key: str) -> str:
 
 def transfer_body(target: str) -> dict[str, Any]:
     """The call update that connects the caller to `target` (a number, or a sip: URI)."""
+    return {"action": "transfer", "destination": {"type": "ncco", "ncco": [connect_action(target)]}}
+
+
+def connect_action(target: str) -> dict[str, Any]:
+    """The NCCO action that connects the caller to `target` (a number, or a sip: URI)."""
     if target.lower().startswith(("sip:", "sips:")):
         endpoint = {"type": "sip", "uri": target}
     else:
         endpoint = {"type": "phone", "number": target.removeprefix("+")}  # Vonage writes E.164 bare
-    return {
-        "action": "transfer",
-        "destination": {"type": "ncco", "ncco": [{"action": "connect", "endpoint": [endpoint]}]},
-    }
+    return {"action": "connect", "endpoint": [endpoint]}
 
 
 def _e164(number: str | None) -> str | None:
@@ -354,19 +366,20 @@ class VonagePeer(CarrierPeer):
         }
         headers = {"Authorization": f"Bearer {signed_webhook_jwt(self.secret)}"} if self.secret else {}
         response = await client.get(webhook, params=params, headers=headers)
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"answer webhook {webhook} answered {response.status_code}: {response.text[:200]}"
-            )
+        text = answer_text(response, f"answer webhook {webhook}")
         try:
-            ncco = orjson.loads(response.content)
+            ncco = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            ncco = None
+        described = ncco_overflow(ncco)
+        if described:
+            raise AnsweredWithoutStream(described)
+        try:
             endpoint = next(a for a in ncco if a.get("action") == "connect")["endpoint"][0]
             rate = int(CONTENT_TYPE.fullmatch(endpoint["content-type"]).group(1))  # type: ignore[union-attr]
             url, headers = str(endpoint["uri"]), dict(endpoint.get("headers", {}))
-        except (orjson.JSONDecodeError, StopIteration, LookupError, TypeError, AttributeError, ValueError):
-            raise RuntimeError(
-                f"answer webhook {webhook}: no websocket connect in {response.text[:300]}"
-            ) from None
+        except (StopIteration, LookupError, TypeError, AttributeError, ValueError):
+            raise RuntimeError(f"answer webhook {webhook}: no websocket connect in {text[:300]}") from None
         self.wire = MediaFormat(encoding="l16", sample_rate=rate)  # what the NCCO asked
         return StreamTarget(url, {}, {str(k): str(v) for k, v in headers.items()})
 
@@ -446,6 +459,24 @@ class VonagePeer(CarrierPeer):
         if body != {"action": "transfer", "destination": {"type": "ncco", "ncco": ncco}}:
             problems.append(f"body {body} does not transfer to {target}")
         return problems
+
+
+def ncco_overflow(ncco: Any) -> str | None:
+    """What an NCCO that connects no WebSocket does with the call, in words (it talks, then connects to a
+    phone or SIP endpoint or ends); None for any other NCCO."""
+    if not isinstance(ncco, list) or not ncco or not all(isinstance(action, dict) for action in ncco):
+        return None
+    if any(action.get("action") not in ("talk", "connect") for action in ncco):
+        return None
+    endpoints: list[Any] = []
+    for action in ncco:
+        if action["action"] == "connect":
+            listed = action.get("endpoint")
+            endpoints += listed if isinstance(listed, list) else [listed]
+    if not all(isinstance(e, dict) and e.get("type") in ("phone", "sip") for e in endpoints):
+        return None  # a websocket (the stream), or an endpoint no overflow answer names
+    said = " ".join(str(action.get("text", "")) for action in ncco if action["action"] == "talk")
+    return overflow_words(said, [str(e.get("number") or e.get("uri")) for e in endpoints])
 
 
 def signed_webhook_jwt(secret: str, body: bytes = b"") -> str:

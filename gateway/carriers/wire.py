@@ -2,21 +2,30 @@
 object (MalformedMessage saying what is wrong), its sections, strings, base64 payloads and DTMF keys, and
 on the simulated carrier's side the same readings of what the gateway sends (Violation saying what is
 wrong). Each takes the words its carrier's messages use, so every carrier's errors read as they always did.
+
+Also the XML answer markup that TwiML, cXML, TeXML and Plivo XML share (a `<Response>` of verbs, the
+spoken verb named by the carrier: Say or Speak), and the simulated carrier's reading of an answer that
+brings no stream (the gateway's overflow, or a 503) as AnsweredWithoutStream.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
+from xml.etree import ElementTree
 
+import httpx
 import orjson
 
 from gateway.call.events import MalformedMessage
-from gateway.carriers.base import Outbound, Violation
+from gateway.carriers.base import AnsweredWithoutStream, Outbound, Violation
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+# Characters XML 1.0 cannot carry even escaped: ElementTree would write them and the carrier refuse the page.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 T = TypeVar("T")
 
@@ -110,7 +119,67 @@ def b64(payload: bytes) -> str:
     return base64.b64encode(payload).decode("ascii")
 
 
+# --- XML answer markup ------------------------------------------------------------------------------
+
+
+def xml_document(root: ElementTree.Element) -> str:
+    """`root` as an XML answer page (ElementTree escapes text and attributes)."""
+    return '<?xml version="1.0" encoding="UTF-8"?>' + ElementTree.tostring(root, encoding="unicode")
+
+
+def spoken(message: str, say: str) -> ElementTree.Element:
+    """A `<Response>` that first speaks `message` with the verb `say` (Say, Speak); empty when it is."""
+    response = ElementTree.Element("Response")
+    text = _NOT_XML.sub("", message).strip()
+    if text:
+        ElementTree.SubElement(response, say).text = text
+    return response
+
+
+def hangup_markup(message: str, say: str) -> str:
+    """The answer that speaks `message` (when not empty) with the verb `say`, then `<Hangup/>`."""
+    response = spoken(message, say)
+    ElementTree.SubElement(response, "Hangup")
+    return xml_document(response)
+
+
 # --- the carrier's side, for the simulator ----------------------------------------------------------
+
+
+def answer_text(response: httpx.Response, what: str) -> str:
+    """The body of a voice webhook's 200 answer; AnsweredWithoutStream for a 503 (no agent free and no
+    overflow the carrier's markup can say), RuntimeError naming `what` for any other status."""
+    if response.status_code == 503:
+        raise AnsweredWithoutStream(f"the gateway answered 503: {one_line(response.text[:200])}")
+    if response.status_code != 200:
+        raise RuntimeError(f"{what} answered {response.status_code}: {response.text[:200]}")
+    return response.text
+
+
+def overflow_words(said: str, transferred_to: Sequence[str]) -> str:
+    """An overflow answer in words: "said '...' and hung up", "transferred to +1555...", ..."""
+    done = f"transferred to {', '.join(transferred_to)}" if transferred_to else "hung up"
+    return f"said '{one_line(said)}' and {done}" if said.strip() else done
+
+
+def one_line(text: str) -> str:
+    """`text` with each run of whitespace (newlines too) as one space: `duplexgate call` prints one line."""
+    return " ".join(text.split())
+
+
+def raise_on_overflow(root: ElementTree.Element, say: str) -> None:
+    """Raise AnsweredWithoutStream when `root`, an XML answer with no stream, dials or hangs up (after
+    speaking with the verb `say`, maybe); return for anything else (the caller says what is wrong)."""
+    if root.tag != "Response":
+        return
+    said = " ".join((verb.text or "").strip() for verb in root.findall(say)).strip()
+    dial = root.find("Dial")
+    if dial is not None:
+        targets = [(noun.text or "").strip() for noun in dial] or [(dial.text or "").strip()]
+        targets = [target for target in targets if target] or ["no one (an empty <Dial>)"]
+        raise AnsweredWithoutStream(overflow_words(said, targets))
+    if root.find("Hangup") is not None:
+        raise AnsweredWithoutStream(overflow_words(said, []))
 
 
 def sent_json(raw: str) -> Any:

@@ -134,6 +134,7 @@ async def simulate_call(
     `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it (a listening caller still
     sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)] for fault injection;
     `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that time without a `stop`.
+    A webhook that answers with no stream (the gateway's overflow, or a 503) raises AnsweredWithoutStream.
     """
     pcm = read_wav_8k(audio) if isinstance(audio, str | Path) else np.asarray(audio, dtype=np.int16)
     peer = carrier_class(carrier).peer(call_sid, caller, called, auth_token)

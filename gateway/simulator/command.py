@@ -12,7 +12,8 @@ import sys
 
 def place_call(args: argparse.Namespace) -> int:
     """Place one simulated call; exit 0 only when the call ran its whole input, 1 when the gateway refused
-    or ended it early (with the gateway's words), 2 for bad arguments. Every failure is one line."""
+    or ended it early or answered with no stream (with the gateway's words), 2 for bad arguments. Every
+    failure is one line."""
     try:
         caller_audio, dtmf = _call_inputs(args)
         summary = asyncio.run(_place_call(args, caller_audio, dtmf))
@@ -97,6 +98,7 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
     import httpx
     from websockets.exceptions import InvalidHandshake, InvalidURI
 
+    from gateway.carriers.base import AnsweredWithoutStream
     from gateway.simulator.call import simulate_call
 
     try:
@@ -120,6 +122,8 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         target = args.url or "the stream URL in the answer"
         raise CallFailed(f"cannot open the media stream at {target}: {exc or type(exc).__name__}") from None
+    except AnsweredWithoutStream as exc:  # no agent free: the gateway said so, or gave a busy answer
+        raise CallFailed(f"no stream: {exc}") from None
     except RuntimeError as exc:  # the voice webhook answered, but not with usable TwiML
         raise CallFailed(str(exc)) from None
 
