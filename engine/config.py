@@ -17,6 +17,7 @@ FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
 FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s: the one place the 80 ms frame is written down
 CONTEXT_STEPS = 3000  # positions the published LM attends to; every prompt token takes one
 N_CODEBOOKS = 8  # Mimi codebooks per audio stream used by the LM
+TEXT_PAD = 3  # "no new word"; also the text fed during voice and silence phases
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from engine.loading import (
 from engine.runner import BatchRunner
 from engine.worker import EngineWorker
 
+if TYPE_CHECKING:
+    from engine.remote.client import RemoteEngine
+
 log = logging.getLogger(__name__)
 
 CPU_SLOTS = 8
@@ -42,6 +45,7 @@ class EngineSettings(Protocol):
     cuda_graphs: bool  # on CUDA, replay each step size from a CUDA graph
     cpu_threads: int  # torch threads for a CPU engine
     slots: int  # calls held at once; 0: as many as fit (GPU memory), 8 on a CPU
+    admit_fraction: float  # admit while steps take at most this share of the 80 ms frame
 
 
 def home_dir() -> Path:
@@ -94,7 +98,12 @@ def create_default_engine(settings: EngineSettings) -> EngineWorker:
     if settings.slots < 0:
         raise EngineError(f"[engine] slots must be 0 (automatic) or more, got {settings.slots}")
     return build_engine(
-        files, device, settings.slots or None, notice=notice, cuda_graphs=settings.cuda_graphs
+        files,
+        device,
+        settings.slots or None,
+        notice=notice,
+        cuda_graphs=settings.cuda_graphs,
+        admit_fraction=settings.admit_fraction,
     )
 
 
@@ -113,6 +122,7 @@ def build_engine(
     capacity: int | None = None,
     notice: str | None = None,
     cuda_graphs: bool = True,
+    admit_fraction: float = 0.8,
 ) -> EngineWorker:
     cfg = files.model_config()
     tokenizer = load_text_tokenizer(files.tokenizer)
@@ -141,7 +151,14 @@ def build_engine(
         ", CUDA graphs" if runner.graphed else "",
         ", ".join(f"{size}: {seconds * 1000:.1f}" for size, seconds in profile.items()),
     )
-    return EngineWorker(runner, tokenizer, files.voices_dir, notice=notice, step_profile=profile)
+    return EngineWorker(
+        runner,
+        tokenizer,
+        files.voices_dir,
+        notice=notice,
+        step_profile=profile,
+        admit_fraction=admit_fraction,
+    )
 
 
 def slot_count(device: torch.device, lm: torch.nn.Module) -> int:
@@ -154,6 +171,16 @@ def slot_count(device: torch.device, lm: torch.nn.Module) -> int:
     slots = max(1, min(MAX_SLOTS, (free - GPU_RESERVE_BYTES) // per_slot))
     log.info("free GPU memory %.1f GiB, %.2f GiB per slot", free / 2**30, per_slot / 2**30)
     return int(slots)
+
+
+def create_remote_engine(settings: EngineSettings, registry_url: str, key: str) -> RemoteEngine:
+    """A gateway's engine when the model runs in worker processes: the workers registered at
+    `registry_url`, and only the text tokenizer of `settings.checkpoint` (the workers' model) loaded here."""
+    from engine.remote.client import RemoteEngine
+    from engine.remote.registry import Registry
+
+    tokenizer = load_text_tokenizer(_tokenizer_path(settings.checkpoint))
+    return RemoteEngine(Registry(registry_url), key, tokenizer)
 
 
 def prompt_token_counter(checkpoint: str) -> Callable[[str], int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import ModelConfig
+from engine.config import TEXT_PAD, ModelConfig
 
 if TYPE_CHECKING:  # torch and sentencepiece are imported where used: resolving paths needs neither
     import sentencepiece
@@ -394,3 +394,17 @@ def wrap_role_prompt(text: str) -> str:
 def encode_role_prompt(processor: sentencepiece.SentencePieceProcessor, text: str) -> list[int]:
     """Token ids fed on the text stream in the role-prompt phase (no BOS/EOS; `<system>` is plain text)."""
     return list(processor.encode(wrap_role_prompt(text), out_type=int, add_bos=False, add_eos=False))
+
+
+STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
+
+
+def announcement_tokens(processor: sentencepiece.SentencePieceProcessor, text: str) -> list[int]:
+    """Text tokens for a forced announcement: each word's pieces, then padding up to a speaking pace of
+    about 2.5 words a second (the audio codebooks follow the text stream on their own). Gateways in front
+    of remote workers count an announcement's steps with this too."""
+    tokens: list[int] = []
+    for word in text.split():
+        pieces = processor.encode(word)
+        tokens += pieces + [TEXT_PAD] * max(0, STEPS_PER_WORD - len(pieces))
+    return tokens

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import LMConfig
+from engine.config import TEXT_PAD, LMConfig
 
-TEXT_PAD = 3  # "no new word"; also the text fed during voice and silence phases
+__all__ = ["TEXT_PAD", "PromptPlan", "plan_from_codes", "plan_from_embeddings"]
 TEXT_EPAD = 0  # end of padding, the step before a word
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)  # agent stream during prompt phases
 SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)  # user stream during prompt phases

@@ -42,7 +42,7 @@ from engine.api import (
     SessionClosed,
     SessionSpec,
 )
-from engine.loading import CheckpointError, encode_role_prompt
+from engine.loading import CheckpointError, announcement_tokens, encode_role_prompt
 from engine.prompt import TEXT_PAD
 from engine.runner import BatchRunner, PrefillJob, VoicePrefix
 from engine.scheduler import PrimeRequest, Scheduler, Tick
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 FRAME_BUDGET_S = FRAME_S  # a step must finish within one frame of audio
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
-STEPS_PER_WORD = 5  # 400 ms a word when the agent is made to say something
 MAX_QUEUED_FRAMES = 25  # 2 s of frames waiting, either way (caller in, agent out): beyond it the oldest go
 STEP_TIMES_KEPT_S = 10.0  # admission looks at the step times of the last 10 s only
 PROBE_INTERVAL_S = 2.0  # a verdict over budget older than this is re-measured before a call is refused
@@ -431,17 +430,16 @@ class EngineWorker:
         return len(self._sessions)
 
     @property
+    def free_slots(self) -> int:
+        """Slots no session holds or primes in."""
+        return len(self._free)
+
+    @property
     def context(self) -> int:
         return self.runner.lm.cfg.context
 
     def announcement_tokens(self, text: str) -> list[int]:
-        """Text tokens for a forced announcement: each word's pieces, then padding up to a speaking pace
-        of about 2.5 words a second (the audio codebooks follow the text stream on their own)."""
-        tokens: list[int] = []
-        for word in text.split():
-            pieces = self.tokenizer.encode(word)
-            tokens += pieces + [TEXT_PAD] * max(0, STEPS_PER_WORD - len(pieces))
-        return tokens
+        return announcement_tokens(self.tokenizer, text)
 
     def piece(self, token: int) -> str:
         return self.tokenizer.id_to_piece(int(token)).replace("\u2581", " ")

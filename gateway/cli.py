@@ -1,6 +1,7 @@
-"""The `duplexgate` command: `serve` runs the gateway with the embedded engine, `call` places a simulated
-call (as any carrier) against a running gateway, `prompt render` and `config check` show and check role
-prompts; the engine adds its own subcommands when `engine.cli` exists.
+"""The `duplexgate` command: `serve` runs the gateway (with the embedded engine, or in front of engine
+workers), `worker` runs an engine worker, `call` places a simulated call (as any carrier) against a
+running gateway, `prompt render` and `config check` show and check role prompts; the engine adds its own
+subcommands when `engine.cli` exists.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gateway.carriers import DEFAULT_CARRIER
 
@@ -47,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with [<carrier>] allow_unsigned = true: serve unsigned traffic on a non-loopback address",
     )
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="run an engine worker (one per GPU) for gateways with [workers] enabled"
+    )
+    worker.add_argument("--config", help="TOML config file (default: the embedded deploy/example.toml)")
+    worker.add_argument("--host", help="override [workers] host")
+    worker.add_argument("--port", type=int, help="override [workers] port")
+    worker.set_defaults(run=_worker)
 
     call = commands.add_parser("call", help="place a simulated carrier call against a running gateway")
     call.add_argument(
@@ -118,10 +127,8 @@ def quiet_http_clients() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from gateway.edge.app import create_app
-    from gateway.edge.server import DrainingServer
 
     loaded = _checked_config(args.config, "duplexgate")
     if isinstance(loaded, int):
@@ -143,29 +150,97 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"duplexgate: {unsafe}", file=sys.stderr)
         return 2
 
-    async def serve() -> None:
-        from engine.embedded import create_default_engine  # heavy (torch): only when serving
+    if config.workers.enabled and not config.workers.key:
+        print(
+            f"duplexgate: [workers] enabled needs the workers' key in {config.workers.key_env}",
+            file=sys.stderr,
+        )
+        return 2
 
-        engine = create_default_engine(config.engine)
+    async def serve() -> None:
+        from engine.embedded import create_default_engine, create_remote_engine  # heavy (torch)
+
+        if config.workers.enabled:
+            engine = create_remote_engine(config.engine, config.store.url, config.workers.key or "")
+        else:
+            engine = create_default_engine(config.engine)
         if inspect.isawaitable(engine):
             engine = await engine
         app = create_app(config, engine)
-        server = DrainingServer(
-            app.state.drain,
-            uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                ws=WS_IMPLEMENTATION,
-                ws_max_size=WS_MAX_BYTES,
-                log_level="info",
-                lifespan="on",
-            ),
+        await serve_until_drained(app, app.state.drain, host, port, engine)
+
+    asyncio.run(serve())
+    return 0
+
+
+async def serve_until_drained(
+    app: Any, drain: Callable[[], Awaitable[None]], host: str, port: int, engine: Any
+) -> None:
+    """Serve `app` with uvicorn until it stops (the first SIGTERM drains first), then close `engine`."""
+    import uvicorn
+
+    from gateway.edge.server import DrainingServer
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws=WS_IMPLEMENTATION,
+        ws_max_size=WS_MAX_BYTES,
+        log_level="info",
+        lifespan="on",
+    )
+    try:
+        await DrainingServer(drain, config).serve()
+    finally:
+        await engine.aclose()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """An engine worker: the embedded engine behind the worker app, announced in the [store] Redis."""
+    import os
+    import socket
+
+    from gateway.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"duplexgate worker: {problem}", file=sys.stderr)
+        return 2
+    settings = config.workers
+    if not settings.key:
+        print(f"duplexgate worker: export the workers' shared key in {settings.key_env}", file=sys.stderr)
+        return 2
+    if not config.store.url:
+        print("duplexgate worker: set [store] url: gateways find workers in that Redis", file=sys.stderr)
+        return 2
+    host, port = args.host or settings.host, args.port or settings.port
+    url = os.environ.get(settings.advertise_url_env) or f"http://{host}:{port}"
+    if host in ("0.0.0.0", "::") and not os.environ.get(settings.advertise_url_env):
+        url = f"http://{socket.gethostname()}:{port}"
+        log.warning("no %s: gateways will dial %s", settings.advertise_url_env, url)
+    worker_id = settings.id or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def serve() -> None:
+        from engine.embedded import create_default_engine  # heavy (torch): only when serving
+        from engine.remote.registry import Registry
+        from engine.remote.server import WorkerServer
+
+        engine = create_default_engine(config.engine)
+        worker = WorkerServer(
+            engine,
+            key=settings.key or "",
+            worker_id=worker_id,
+            url=url,
+            registry=Registry(config.store.url),
+            reserve_ttl_s=settings.reserve_ttl_s,
         )
-        try:
-            await server.serve()
-        finally:
-            await engine.aclose()
+        log.info("engine worker %s serving gateways at %s (%d slots)", worker_id, url, engine.capacity)
+        await serve_until_drained(
+            worker.app, lambda: worker.drain(settings.drain_grace_s), host, port, engine
+        )
 
     asyncio.run(serve())
     return 0

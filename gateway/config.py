@@ -2,6 +2,9 @@
 
 Read with the standard library's tomllib; secrets come from environment variables named in the file.
 Every validation error names the file, the section and the key, and says what was expected.
+
+Size: every section's schema sits beside the one validation pass that reads them all, so a reader sees
+each key, its default and its checks in one place.
 """
 
 from __future__ import annotations
@@ -62,12 +65,37 @@ class ServerSection:
     # An address that fails this many signature or API-key checks in a minute gets 429 until the minute is
     # out, its credentials unchecked.
     auth_failures_per_minute: Annotated[int, Gt(0)] = 20
+    # When no engine slot is free anywhere, the answer webhook says this and hangs up, or, with a number in
+    # overflow_transfer_to, hands the call to it (where the carrier's answer markup can say so).
+    overflow_message: str = "Sorry, all of our agents are busy right now. Please call again in a few minutes."
+    overflow_transfer_to: str = ""
 
 
 @dataclass(frozen=True)
 class StoreSection:
     url: str = ""  # empty: in this process's memory (one gateway); "redis://host:6379/0": shared by replicas
     replica_id: str = ""  # this gateway process's name in the store; empty: <hostname>-<pid>
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    """Remote engine workers (the two-tier deployment): gateways with `enabled` find the workers in the
+    [store] Redis and run no model; `duplexgate worker` reads the rest."""
+
+    enabled: bool = False  # gateways: use the workers registered in [store] instead of an embedded engine
+    key_env: str = "DUPLEXGATE_WORKER_KEY"  # the shared secret between gateways and workers
+    key: str | None = field(default=None, repr=False)  # from the environment, never the file
+    host: str = "127.0.0.1"  # a worker's listening address (`duplexgate worker --host` overrides it)
+    port: int = 8090
+    # the URL gateways reach a worker at, read from this variable (e.g. http://$(POD_IP):8090); unset:
+    # http://<host>:<port>
+    advertise_url_env: str = "DUPLEXGATE_WORKER_URL"
+    id: str = ""  # the worker's name in the registry; empty: <hostname>-<pid>
+    # a primed session waits this long for its gateway to attach, then its slot is freed
+    reserve_ttl_s: Annotated[float, Gt(0)] = 30.0
+    # On SIGTERM a worker takes no new calls and lets its live calls finish for this long; the rest move
+    # to other workers. A Kubernetes pod's terminationGracePeriodSeconds must be longer.
+    drain_grace_s: Annotated[float, Ge(0)] = 600.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,8 @@ class EngineSection:
     cuda_graphs: bool = True  # on CUDA, replay the step from CUDA graphs (false: eager, for debugging)
     cpu_threads: int = 1  # torch threads when the engine runs on the CPU
     slots: int = 0  # calls the engine holds at once; 0: as many as fit in GPU memory, 8 on a CPU
+    # a call is admitted while the steps it would make take at most this share of the 80 ms frame
+    admit_fraction: Annotated[float, Gt(0)] = 0.8
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,7 @@ class GatewayConfig:
     store: StoreSection = StoreSection()
     control: ControlSection = ControlSection()
     webhooks: WebhooksSection = WebhooksSection()
+    workers: WorkersSection = WorkersSection()
 
     def number(self, number: str | None) -> str:
         """`number` as this config wants it in logs: masked unless [server] log_numbers."""
@@ -163,8 +194,8 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-SECTIONS = ("server", "engine", "crm", "agents", "numbers", "store", "control", "webhooks")
-SECRETS_FROM_ENV = {"webhooks": ("secret",)}
+SECTIONS = ("server", "engine", "crm", "agents", "numbers", "store", "control", "webhooks", "workers")
+SECRETS_FROM_ENV = {"webhooks": ("secret",), "workers": ("key",)}
 
 
 def _default() -> CarrierSettings:
@@ -218,7 +249,12 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
     store = problems.section(StoreSection, tables["store"], "[store]", StoreSection())
     control = problems.section(ControlSection, tables["control"], "[control]", ControlSection())
     webhooks = problems.section(WebhooksSection, tables["webhooks"], "[webhooks]", WebhooksSection())
-    assert server and engine and store and control and webhooks  # defaults when invalid
+    workers = problems.section(WorkersSection, tables["workers"], "[workers]", WorkersSection())
+    assert server and engine and store and control and webhooks and workers  # defaults when invalid
+    if env.get(workers.key_env):
+        workers = dataclasses.replace(workers, key=env[workers.key_env])
+    if workers.enabled and not store.url:
+        problems.add("[workers] enabled needs [store] url: gateways find the workers in that Redis")
 
     if store.url and urlsplit(store.url).scheme not in ("redis", "rediss", "unix"):
         problems.add(
@@ -318,6 +354,7 @@ def parse_config(raw: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
         store=store,
         control=control,
         webhooks=webhooks,
+        workers=workers,
     )
 
 

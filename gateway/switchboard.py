@@ -7,12 +7,11 @@ escalations and publishes call events. It knows no carrier: the edge hands it th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from engine.api import Engine, EngineBusy, EngineSession, SessionSpec
@@ -26,7 +25,9 @@ from gateway.config import AgentConfig, GatewayConfig
 from gateway.ops.auth_throttle import AuthThrottle
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.records import CallRecord
+from gateway.ops.store import PreparedEntry
 from gateway.ops.webhooks import WebhookEvent, WebhookSender
+from gateway.prepared import PreparedCall, PreparedCalls
 
 log = logging.getLogger(__name__)
 
@@ -36,89 +37,6 @@ ROLE_PROMPTS_KEPT = 4096
 
 # hand a live call to a number through its carrier; True when the carrier takes it on once our stream ends
 Transfer = Callable[[CallSession, str], Awaitable[bool]]
-
-
-@dataclass
-class PreparedCall:
-    """A call announced by the voice webhook, its engine session priming, waiting for its stream."""
-
-    call_id: str
-    token: str
-    agent: AgentConfig
-    caller: str | None
-    called: str | None
-    engine_session: asyncio.Task[EngineSession]
-    expiry: asyncio.TimerHandle | None = None
-    received_at: float = field(default_factory=time.time)  # when the voice webhook announced it
-
-
-class PreparedCalls:
-    """Single-use, short-lived per-call tokens; an unclaimed call's engine session is freed on expiry."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._by_call: dict[str, PreparedCall] = {}
-        self.on_expire: Callable[[PreparedCall], None] | None = None  # the recorder keeps its record
-
-    def __len__(self) -> int:
-        return len(self._by_call)
-
-    def add(self, call: PreparedCall) -> None:
-        previous = self._by_call.pop(call.call_id, None)
-        if previous is not None:  # the webhook came again for the same call: the newest wins
-            _discard(previous)
-        call.expiry = asyncio.get_running_loop().call_later(
-            self.ttl_s, self._expire, call.call_id, call.token
-        )
-        self._by_call[call.call_id] = call
-
-    def claim(self, call_id: str, token: str) -> PreparedCall | None:
-        """The prepared call for `call_id` if `token` is its token; it can be claimed only once."""
-        call = self._by_call.get(call_id)
-        if call is None or not hmac.compare_digest(call.token.encode(), token.encode()):
-            return None
-        del self._by_call[call_id]
-        if call.expiry is not None:
-            call.expiry.cancel()
-        return call
-
-    def discard_all(self) -> None:
-        for call in self._by_call.values():
-            _discard(call)
-        self._by_call.clear()
-
-    def _expire(self, call_id: str, token: str) -> None:
-        call = self._by_call.get(call_id)
-        if call is not None and call.token == token:
-            del self._by_call[call_id]
-            log.warning(
-                "call %s: no media stream within %.0f s of the voice webhook; engine session freed",
-                call_id,
-                self.ttl_s,
-            )
-            _discard(call)
-            if self.on_expire is not None:
-                self.on_expire(call)
-
-
-def _discard(call: PreparedCall) -> None:
-    if call.expiry is not None:
-        call.expiry.cancel()
-    task = call.engine_session
-    if not task.done():
-        task.cancel()
-    task.add_done_callback(_close_if_opened)
-
-
-def _close_if_opened(task: asyncio.Task[EngineSession]) -> None:
-    if task.cancelled() or task.exception() is not None:
-        return
-    closing = asyncio.ensure_future(task.result().close())
-    _background.add(closing)
-    closing.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Future[Any]] = set()
 
 
 class Switchboard:
@@ -145,6 +63,12 @@ class Switchboard:
         self.webhooks = WebhookSender() if config.webhooks.url else None
         self.notice_hooks.append(self._publish_notice)
         self.metrics: GatewayMetrics | None = None  # set by the app when metrics are on
+        # (call id, agent, caller, called, received at, end reason): the record of a call that never
+        # streamed; set by the app to the recorder's
+        self.record_unanswered: Callable[..., None] = lambda *args, **kwargs: None
+        if isinstance(getattr(engine, "failover_hooks", None), list):  # remote workers: a call may move
+            engine.failover_hooks.append(self._failed_over)  # type: ignore[attr-defined]
+            engine.reanchor = self._failover_prompt  # type: ignore[attr-defined]
 
     # --- escalation -----------------------------------------------------------------------------------
 
@@ -222,14 +146,70 @@ class Switchboard:
         self.publish("call.ended", record.call_id, {"record": record.to_dict()})
 
     def reanchor_prompt(
-        self, call_id: str, agent: AgentConfig, said: Sequence[str], engine_budget: int | None = None
+        self,
+        call_id: str,
+        agent: AgentConfig,
+        said: Sequence[str],
+        engine_budget: int | None = None,
+        role_text: str = "",
     ) -> str:
-        """The call's role prompt plus the agent's recent words, sanitised and held to the agent's token
-        budget and to what the engine's window leaves (`engine_budget`)."""
+        """The call's role prompt (`role_text` when this replica did not render it) plus the agent's recent
+        words, sanitised and held to the agent's token budget and to what the engine's window leaves."""
         role = self.role_prompts.get(call_id)
-        text = role.text if role is not None else ""
+        text = role.text if role is not None else role_text
         budget = min(agent.max_prompt_tokens, engine_budget if engine_budget is not None else 1 << 30)
         return reanchor_prompt(text, said, self.engine.count_prompt_tokens, budget)
+
+    # --- calls that move between engine workers -------------------------------------------------------
+
+    def _call_of(self, session: object) -> CallSession | None:
+        return next((call for call in self.calls.values() if call.engine_session is session), None)
+
+    def _failover_prompt(self, session: Any, said: Sequence[str], budget: int) -> str | None:
+        """What a call whose worker died is primed with on the next: its role prompt and recent words."""
+        call = self._call_of(session)
+        if call is None or call.agent not in self.config.agents:
+            return None
+        agent = self.config.agents[call.agent]
+        return self.reanchor_prompt(call.call_id, agent, said, budget, getattr(session, "role_prompt", ""))
+
+    def _failed_over(self, session: Any, failover: Any) -> None:
+        """A call's session moved to another worker: its record and a call.failover event say so."""
+        call = self._call_of(session)
+        if call is None or call.ended:
+            return
+        data = {
+            "from_worker": failover.from_worker,
+            "to_worker": failover.to_worker,
+            "why": failover.why,
+            "gap_ms": round(failover.gap_s * 1000),
+            "replayed_frames": failover.replayed_frames,
+        }
+        at_s = round(call.caller_clock_s, 3)
+        detail = f"{failover.from_worker} -> {failover.to_worker}"
+        self.notice(CallNotice(NoticeKind.ENGINE_FAILOVER, call.call_id, at_s, detail, data=data))
+        self.publish("call.failover", call.call_id, {**data, "at_s": at_s})
+
+    async def claim_prepared(
+        self, call_id: str, token: str
+    ) -> tuple[AgentConfig, str | None, str | None, Any] | None:
+        """(agent, caller, called, engine session awaitable) of the prepared call `token` claims, wherever
+        it was primed; None when the token is unknown, expired, used or for another call."""
+        claimed = await self.prepared.claim(call_id, token)
+        if claimed is None:
+            return None
+        if isinstance(claimed, PreparedCall):
+            return claimed.agent, claimed.caller, claimed.called, claimed.engine_session
+        agent = self.config.agents.get(claimed.agent) or self.config.agent_for(claimed.called)
+        opening = asyncio.create_task(self._attach(claimed), name=f"attach:{call_id}")
+        return agent, claimed.caller, claimed.called, opening
+
+    async def _attach(self, entry: PreparedEntry) -> EngineSession:
+        """The session another replica primed; its role prompt is kept for re-anchoring and the record."""
+        session = await self.prepared.engine_of(entry, getattr(self.engine, "attach", None))
+        text = getattr(session, "role_prompt", "")
+        self.role_prompts[entry.call_id] = RolePrompt(text, self.engine.count_prompt_tokens(text), None)
+        return session
 
     def open_engine_session(self, agent: AgentConfig, call: IncomingCall) -> asyncio.Task[EngineSession]:
         return asyncio.create_task(self._prime(agent, call), name=f"open:{call.call_id}")

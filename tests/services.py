@@ -75,42 +75,37 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:`port` without persistence, answering PING when this returns."""
+    binary = _binary("redis-server", "redis-server")
+    log = directory / "redis.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    _wait_for(lambda: _redis_answers(port), process, f"redis-server on port {port}", log)
+    return process
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A throwaway redis-server on 127.0.0.1 (no persistence)."""
-    binary = _binary("redis-server", "redis-server")
     directory = Path(tempfile.mkdtemp(prefix="duplexgate-redis-"))
     port = free_port()
-    log = directory / "redis.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def ready() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
+    process = start_redis(port, directory)
     try:
-        _wait_for(ready, process, f"redis-server on port {port}", log)
         yield RedisServer(port)
     finally:
         _stop(process)

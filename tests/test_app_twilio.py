@@ -211,9 +211,10 @@ async def test_carrier_that_disconnects_mid_call_frees_the_engine_session(echo_g
 
 
 async def test_engine_busy_at_open_closes_the_stream(start_gateway, tone_wav, caplog) -> None:
+    # A stream with no webhook before it (with one, the webhook answers the overflow: test_overflow.py)
     live = start_gateway(EchoEngine(max_sessions=0))
     caplog.set_level(logging.WARNING, logger="gateway.call.session")
-    summary = await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook)
+    summary = await simulate_call(live.ws_url, tone_wav(440, 2.0))
     assert (summary.closed_by, summary.media_received) == ("gateway", 0)
     assert summary.media_sent < 25  # closed well before the caller's 2 s of audio ran out
     assert any(summary.call_sid in r.getMessage() and "EngineBusy" in r.getMessage() for r in caplog.records)

@@ -66,7 +66,9 @@ def test_default_engine_serves_the_random_model_with_a_noise_notice(tmp_path, mo
     monkeypatch.setenv("DUPLEXGATE_HOME", str(tmp_path))
     threads = torch.get_num_threads()
     try:
-        settings = SimpleNamespace(checkpoint="", device="cpu", cuda_graphs=True, cpu_threads=1, slots=0)
+        settings = SimpleNamespace(
+            checkpoint="", device="cpu", cuda_graphs=True, cpu_threads=1, slots=0, admit_fraction=0.8
+        )
         engine = create_default_engine(settings)
         assert torch.get_num_threads() == 1  # the demo engine runs its CPU kernels on one thread
     finally:

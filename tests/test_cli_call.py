@@ -104,13 +104,25 @@ def test_a_refused_call_exits_1_with_the_gateways_close_code_and_reason(
 ):
     live = start_gateway(EchoEngine(max_sessions=0))
     output = tmp_path / "agent.wav"
+    # Straight to the stream: the engine refuses when the stream opens it
     status, out, err = run_call(
-        capsys, "--input", str(caller_wav), "--output", str(output), "--webhook", live.webhook
+        capsys, "--input", str(caller_wav), "--output", str(output), "--url", live.ws_url
     )
     assert status == 1
     assert "the gateway ended the call after" in err and "close code 1000" in err
     assert "EngineBusy: echo engine full" in err
     assert json.loads(out)["closed_by"] == "gateway"
+
+
+def test_a_full_gateway_answers_the_overflow_and_the_call_exits_1(
+    capsys, tmp_path, caller_wav, start_gateway
+):
+    live = start_gateway(EchoEngine(max_sessions=0), overflow_message="We are full, call back later.")
+    status, out, err = run_call(
+        capsys, "--input", str(caller_wav), "--output", str(tmp_path / "agent.wav"), "--webhook", live.webhook
+    )
+    assert status == 1 and out == ""
+    assert "no stream: said 'We are full, call back later.' and hung up" in err
 
 
 def test_a_served_call_exits_0_and_writes_what_the_caller_heard(capsys, tmp_path, caller_wav, echo_gateway):

@@ -3,9 +3,10 @@ and the structured record of an escalation, which the recorder stores as it is."
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class NoticeKind(StrEnum):
@@ -20,6 +21,7 @@ class NoticeKind(StrEnum):
     CONTEXT_HORIZON = "context_horizon"  # detail: the horizon action ("wrap_up", "reanchor", "hand_off")
     REANCHORED = "reanchored"
     ENGINE_LOST = "engine_lost"
+    ENGINE_FAILOVER = "engine_failover"  # the call moved to another engine worker; `data` says how
     ESCALATED = "escalated"  # `escalation` says what fired it, why, and the actions
     ESCALATION_FAILED = "escalation_failed"  # detail: "<action>: <error>"
     ENDED = "ended"  # detail: the end reason
@@ -44,6 +46,7 @@ class CallNotice:
     at_s: float  # caller audio clock
     detail: str = ""
     escalation: Escalation | None = None  # set on ESCALATED notices
+    data: Mapping[str, Any] = field(default_factory=dict)  # structured detail (ENGINE_FAILOVER)
 
 
 NoticeHook = Callable[[CallNotice], None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,15 +24,16 @@ from engine.api import Admission, Engine
 from gateway.call.incoming import IncomingCall
 from gateway.call.session import CallSession
 from gateway.carriers import carrier_class
-from gateway.carriers.base import Carrier, CarrierRoute, WebhookRefused
-from gateway.config import GatewayConfig
+from gateway.carriers.base import Answering, Carrier, CarrierRoute, WebhookRefused
+from gateway.config import AgentConfig, GatewayConfig
 from gateway.edge.body_limit import BodyLimit
 from gateway.edge.stream import serve_media_stream
 from gateway.ops.auth_throttle import client_address
 from gateway.ops.control import install_control
 from gateway.ops.dashboard import install_dashboard
 from gateway.ops.metrics import GatewayMetrics
-from gateway.switchboard import PreparedCall, Switchboard
+from gateway.prepared import PreparedCall
+from gateway.switchboard import Switchboard
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,11 @@ def create_app(config: GatewayConfig, engine: Engine, *, metrics: bool = True) -
     gateway = Switchboard(config, engine, transfer)
     control = install_control(gateway)  # call store, records, control API
     control.recorder.record_hooks.append(gateway.publish_record)  # call.ended carries the record
-    gateway.prepared.on_expire = control.recorder.record_unstreamed  # every call gets a record
+    gateway.prepared.store, gateway.prepared.replica = control.store, control.replica_id
+    gateway.prepared.on_expire = lambda call: control.recorder.record_unstreamed(  # every call gets a record
+        call.call_id, call.agent, call.caller, call.called, call.received_at
+    )
+    gateway.record_unanswered = control.recorder.record_unstreamed
     if metrics:  # fed per call (notices, records), per engine step and per scrape; never per audio message
         gateway.metrics = GatewayMetrics(gateway)
         gateway.notice_hooks.append(gateway.metrics.on_notice)
@@ -161,7 +167,10 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
         incoming = IncomingCall(
             call_id, caller=answering.caller, called=answering.called, fields=dict(answering.fields)
         )
-        gateway.prepared.add(
+        admission = await gateway.engine.admission()
+        if not admission.ready:
+            return _overflow(carrier, answering, agent, admission.reason, gateway, config)
+        await gateway.prepared.add(
             PreparedCall(
                 call_id=call_id,
                 token=token,
@@ -200,6 +209,34 @@ def _mount(app: FastAPI, carrier: Carrier, gateway: Switchboard, config: Gateway
         name=f"{carrier.name}_voice",
     )
     app.add_api_websocket_route(carrier.media_path, media, name=f"{carrier.name}_media")
+
+
+def _overflow(
+    carrier: Carrier,
+    answering: Answering,
+    agent: AgentConfig,
+    why: str,
+    gateway: Switchboard,
+    config: GatewayConfig,
+) -> Response:
+    """No engine slot is free anywhere: the caller hears the configured overflow at once (a busy message and
+    hang-up, or a transfer), and the call gets a record and a call.ended event."""
+    transfer_to = config.server.overflow_transfer_to or None
+    log.warning(
+        "call %s: no engine slot free (%s); overflow answer (%s)",
+        answering.call_id,
+        why,
+        f"transfer to {config.number(transfer_to)}" if transfer_to else "busy message",
+    )
+    if gateway.metrics is not None:
+        gateway.metrics.refused(why)
+    gateway.record_unanswered(
+        answering.call_id, agent, answering.caller, answering.called, time.time(), end_reason="overflow"
+    )
+    markup = carrier.overflow(answering, config.server.overflow_message, transfer_to)
+    if markup is None:  # the carrier's answer cannot say it: its fallback (URL, next applet) runs
+        return PlainTextResponse(f"no agent free: {why}", status_code=503)
+    return Response(markup[0], media_type=markup[1])
 
 
 CarrierHandler = Callable[[Request, bytes], Awaitable[Response]]

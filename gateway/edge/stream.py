@@ -68,18 +68,15 @@ async def serve_media_stream(websocket: WebSocket, carrier: Carrier, gateway: Sw
         return
     token = started.custom_parameters.get(TOKEN_PARAMETER)
     if token is not None:
-        prepared = gateway.prepared.claim(call_id, token)
+        prepared = await gateway.claim_prepared(call_id, token)
         if prepared is None:
             log.warning(
                 "call %s: stream token unknown, expired, already used or for another call; closed", call_id
             )
             await _close(websocket, POLICY_VIOLATION)
             return
-        started = replace(
-            started, caller=started.caller or prepared.caller, called=started.called or prepared.called
-        )
-        agent = prepared.agent
-        engine_session = prepared.engine_session
+        agent, caller, called, engine_session = prepared
+        started = replace(started, caller=started.caller or caller, called=started.called or called)
     else:
         # Straight from a TwiML Bin: nothing was prepared, so prime now with the default agent. A signed
         # upgrade covers only the constant stream URL and can be replayed, so with signatures on only the

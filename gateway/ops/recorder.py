@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.api import FRAME_S
@@ -40,6 +40,7 @@ class _CallNotes:
     call: CallSession
     started_at: float  # Unix seconds
     escalations: list[Escalation] = field(default_factory=list)
+    failovers: list[dict[str, Any]] = field(default_factory=list)  # moves to another engine worker
 
 
 class CallRecorder:
@@ -88,6 +89,8 @@ class CallRecorder:
             self._on_started(notice)
         elif notice.kind == NoticeKind.ESCALATED:
             self._on_escalated(notice)
+        elif notice.kind == NoticeKind.ENGINE_FAILOVER:
+            self._on_failover(notice)
         elif notice.kind == NoticeKind.ENDED:
             self._on_ended(notice)
 
@@ -119,12 +122,21 @@ class CallRecorder:
         details = {"escalations": len(notes.escalations), "last_escalation": notice.detail}
         self._then(notice.call_id, self._update(notice.call_id, details), "note the escalation")
 
+    def _on_failover(self, notice: CallNotice) -> None:
+        notes = self._calls.get(notice.call_id)
+        if notes is None:
+            return
+        notes.failovers.append({"at_s": notice.at_s, **notice.data})
+        details = {"failovers": len(notes.failovers), "worker": notice.data.get("to_worker", "")}
+        self._then(notice.call_id, self._update(notice.call_id, details), "note the failover")
+
     def _on_ended(self, notice: CallNotice) -> None:
         notes = self._calls.pop(notice.call_id, None)
         if notes is None:
             log.warning("call %s ended without a start the recorder saw; no record kept", notice.call_id)
             return
         record = self.build_record(notes.call, notes.started_at, notes.escalations, ended_at=time.time())
+        record = replace(record, failovers=tuple(notes.failovers))
         self._then(notice.call_id, self._finish(record), "store the call record")
 
     async def _update(self, call_id: str, details: dict[str, Any]) -> None:
@@ -140,24 +152,33 @@ class CallRecorder:
             except Exception:
                 log.exception("call %s: record hook %r failed", record.call_id, hook)
 
-    def record_unstreamed(self, prepared: Any) -> None:
-        """A call the voice webhook announced whose media stream never came (a PreparedCall that expired):
-        it still gets a record, so no call goes unaccounted for."""
-        agent, role = prepared.agent, self.gateway.role_prompts.pop(prepared.call_id, None)
+    def record_unstreamed(
+        self,
+        call_id: str,
+        agent: AgentConfig,
+        caller: str | None,
+        called: str | None,
+        received_at: float,
+        end_reason: str = "no_media_stream",
+    ) -> None:
+        """A call the voice webhook announced whose media stream never came (its prepared call expired, or
+        no engine slot was free for it: `end_reason` "overflow"): it still gets a record, so no call goes
+        unaccounted for."""
+        role = self.gateway.role_prompts.pop(call_id, None)
         record = CallRecord(
-            call_id=prepared.call_id,
-            started_at=prepared.received_at,
-            caller=prepared.caller,
-            called=prepared.called,
+            call_id=call_id,
+            started_at=received_at,
+            caller=caller,
+            called=called,
             agent=agent.name,
             prompt_sha256=hashlib.sha256(role.text.encode()).hexdigest() if role is not None else "",
             voice=agent.voice,
             seed=agent.seed,
             ended_at=time.time(),
-            end_reason="no_media_stream",
+            end_reason=end_reason,
             crm_status=role.crm.status if role is not None and role.crm is not None else None,
         )
-        self._then(prepared.call_id, self._finish(record), "store the call record")
+        self._then(call_id, self._finish(record), "store the call record")
 
     # --- records ------------------------------------------------------------------------------------
 

@@ -44,6 +44,9 @@ class CallRecord:
     # (docs/quality.md); empty for a call that never streamed, one whose timeline failed, and in records
     # written before it existed
     timeline: Mapping[str, Any] = field(default_factory=dict)
+    # each time the call moved to another engine worker (its worker died): at_s, from_worker, to_worker,
+    # why, gap_ms, replayed_frames
+    failovers: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def duration_s(self) -> float | None:
@@ -55,6 +58,7 @@ class CallRecord:
         data = asdict(self)
         data["counters"] = dict(self.counters)
         data["timeline"] = dict(self.timeline)
+        data["failovers"] = [dict(item) for item in self.failovers]
         data["version"] = RECORD_VERSION
         return data
 
@@ -101,6 +105,7 @@ class CallRecord:
                 ),
                 counters={str(name): int(value) for name, value in data.get("counters", {}).items()},
                 timeline=_timeline(data, where),
+                failovers=tuple(dict(item) for item in data.get("failovers", ())),
             )
         except RecordFormatError:
             raise

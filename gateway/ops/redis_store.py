@@ -12,6 +12,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.ops.records import CallRecord
@@ -22,8 +25,10 @@ from gateway.ops.store import (
     CallStore,
     CommandSubscription,
     LiveCall,
+    PreparedEntry,
     StoreError,
     page_size,
+    token_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,15 @@ return excess
 """
 
 
+# KEYS: the prepared call's key. ARGV: the token's digest. Returns the entry once, to the right token.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+redis.call('DEL', KEYS[1])
+return entry
+"""
+
+
 class _RedisSubscription(CommandSubscription):
     def __init__(self, replica: str, pubsub: Any, where: str) -> None:
         super().__init__(replica)
@@ -107,8 +121,9 @@ class RedisStore(CallStore):
 
     Keys under `prefix`: `live:<call>` (hash: the call, its owner, `d:<name>` details; expires),
     `live` (set of live call ids), `replica:<id>` (set of a replica's call ids), `record:<call>` (JSON),
-    `records` (zset by start time) and the pub/sub channel `commands:<replica>`. Sets are pruned of
-    expired calls when read.
+    `records` (zset by start time), `prepared:<call>` (hash: the entry and its token's digest; expires),
+    `prepared-engine:<call>` (what priming it gave; expires) and the pub/sub channel `commands:<replica>`.
+    Sets are pruned of expired calls when read.
     """
 
     def __init__(
@@ -129,11 +144,19 @@ class RedisStore(CallStore):
         )
         self.where = f"redis store {server} ({prefix})"  # never the password a URL may hold
         self.prefix = prefix
-        self._client = redis.Redis.from_url(url, password=password, decode_responses=True)
+        self._client = redis.Redis.from_url(
+            url,
+            password=password,
+            decode_responses=True,
+            # a pooled connection from before a Redis restart fails once: try again on a fresh one
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
         self._ttl_ms = max(1, round(live_ttl_s * 1000))
         self._update = self._client.register_script(_UPDATE)
         self._heartbeat = self._client.register_script(_HEARTBEAT)
         self._save_record = self._client.register_script(_SAVE_RECORD)
+        self._claim = self._client.register_script(_CLAIM)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -255,6 +278,33 @@ class RedisStore(CallStore):
             texts = await self._client.mget([self._key("record", call_id) for call_id in call_ids])
         # A record trimmed between the two reads is simply not listed.
         return [CallRecord.from_json(text) for text in texts if text is not None]
+
+    async def put_prepared(self, entry: PreparedEntry, token: str, ttl_s: float) -> None:
+        key = self._key("prepared", entry.call_id)
+        with self._doing(f"keep prepared call {entry.call_id}"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping={"entry": entry.to_json(), "token": token_digest(token)})
+                pipe.pexpire(key, max(1, round(ttl_s * 1000)))
+                await pipe.execute()
+
+    async def claim_prepared(self, call_id: str, token: str) -> PreparedEntry | None:
+        with self._doing(f"claim prepared call {call_id}"):
+            text = await self._claim(keys=[self._key("prepared", call_id)], args=[token_digest(token)])
+        return None if not text else PreparedEntry.from_json(text)
+
+    async def drop_prepared(self, call_id: str) -> bool:
+        with self._doing(f"drop prepared call {call_id}"):
+            return bool(await self._client.delete(self._key("prepared", call_id)))
+
+    async def put_prepared_engine(self, call_id: str, value: str, ttl_s: float) -> None:
+        with self._doing(f"publish the engine of prepared call {call_id}"):
+            key, ttl_ms = self._key("prepared-engine", call_id), max(1, round(ttl_s * 1000))
+            await self._client.set(key, value, px=ttl_ms)
+
+    async def prepared_engine(self, call_id: str) -> str | None:
+        with self._doing(f"read the engine of prepared call {call_id}"):
+            return await self._client.get(self._key("prepared-engine", call_id))
 
     async def send_command(self, command: CallCommand) -> bool:
         with self._doing(f"send {command.action} to call {command.call_id}"):

@@ -6,12 +6,14 @@ redis_store.py (shared by every gateway replica)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -53,6 +55,31 @@ class LiveCall:
             "started_at": self.started_at,
         }
         return json.dumps(core, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class PreparedEntry:
+    """A call a voice webhook announced and some replica is priming, waiting for its media stream, which
+    may reach any replica: the stream's token claims it once."""
+
+    call_id: str
+    agent: str
+    replica: str  # the replica priming it (it publishes the engine ticket for the others)
+    caller: str | None = None
+    called: str | None = None
+    received_at: float = 0.0  # Unix seconds
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> PreparedEntry:
+        return cls(**json.loads(text))
+
+
+def token_digest(token: str) -> str:
+    """What the store keeps of a call token: enough to check one, useless to present."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,28 @@ class CallStore(ABC):
         """Up to `limit` (at most MAX_RECORDS_PAGE) records, newest start first; with `before`, only calls
         that started strictly before that Unix time (the next page)."""
 
+    # --- prepared calls -----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def put_prepared(self, entry: PreparedEntry, token: str, ttl_s: float) -> None:
+        """Keep a prepared call for `ttl_s`, claimable once with `token`."""
+
+    @abstractmethod
+    async def claim_prepared(self, call_id: str, token: str) -> PreparedEntry | None:
+        """The prepared call if `token` is its token, taken atomically: no other claim gets it."""
+
+    @abstractmethod
+    async def drop_prepared(self, call_id: str) -> bool:
+        """Forget an unclaimed prepared call; False when it was claimed (or expired) already."""
+
+    @abstractmethod
+    async def put_prepared_engine(self, call_id: str, value: str, ttl_s: float) -> None:
+        """Publish what priming a prepared call gave (a JSON engine ticket or error) for `ttl_s`."""
+
+    @abstractmethod
+    async def prepared_engine(self, call_id: str) -> str | None:
+        """What priming the prepared call gave; None while it is still priming (or gone)."""
+
     # --- control commands ---------------------------------------------------------------------------
 
     @abstractmethod
@@ -211,6 +260,9 @@ class MemoryStore(CallStore):
         self._records: dict[str, CallRecord] = {}
         self._order = SortedList()  # (started_at, call_id) of every kept record: O(log n) save, list, evict
         self._listeners: dict[str, set[asyncio.Queue[CallCommand]]] = {}
+        # call id -> (entry, token digest, monotonic deadline); and what priming gave, with its deadline
+        self._prepared: dict[str, tuple[PreparedEntry, str, float]] = {}
+        self._prepared_engine: dict[str, tuple[str, float]] = {}
 
     def _deadline(self) -> float:
         return time.monotonic() + self.live_ttl_s
@@ -274,6 +326,37 @@ class MemoryStore(CallStore):
         end = len(self._order) if before is None else self._order.bisect_left((before, ""))
         keys = self._order[max(0, end - page_size(limit)) : end]
         return [self._records[call_id] for _, call_id in reversed(keys)]
+
+    def _expire_prepared(self) -> None:
+        now = time.monotonic()
+        for table in (self._prepared, self._prepared_engine):
+            for call_id in [key for key, value in table.items() if value[-1] <= now]:
+                del table[call_id]
+
+    async def put_prepared(self, entry: PreparedEntry, token: str, ttl_s: float) -> None:
+        self._expire_prepared()
+        self._prepared[entry.call_id] = (entry, token_digest(token), time.monotonic() + ttl_s)
+
+    async def claim_prepared(self, call_id: str, token: str) -> PreparedEntry | None:
+        self._expire_prepared()
+        held = self._prepared.get(call_id)
+        if held is None or not hmac.compare_digest(held[1], token_digest(token)):
+            return None
+        del self._prepared[call_id]
+        return held[0]
+
+    async def drop_prepared(self, call_id: str) -> bool:
+        self._expire_prepared()
+        return self._prepared.pop(call_id, None) is not None
+
+    async def put_prepared_engine(self, call_id: str, value: str, ttl_s: float) -> None:
+        self._expire_prepared()
+        self._prepared_engine[call_id] = (value, time.monotonic() + ttl_s)
+
+    async def prepared_engine(self, call_id: str) -> str | None:
+        self._expire_prepared()
+        held = self._prepared_engine.get(call_id)
+        return None if held is None else held[0]
 
     async def send_command(self, command: CallCommand) -> bool:
         call = self._alive(command.call_id)

@@ -3,8 +3,9 @@
 Receivers check each request like this (the scheme is all there is to implement):
 
 - The body is a JSON envelope: ``{"id", "type", "created_at", "call_id", "data"}``. ``type`` is one of
-  ``call.started``, ``call.warning``, ``call.escalated``, ``call.ended``; ``id`` is unique per event and stays
-  the same on every retry, so a receiver that has seen an id can answer 2xx and ignore the repeat.
+  ``call.started``, ``call.warning``, ``call.escalated``, ``call.failover`` (the call moved to another
+  engine worker), ``call.ended``; ``id`` is unique per event and stays the same on every retry, so a
+  receiver that has seen an id can answer 2xx and ignore the repeat.
   ``created_at`` is ISO 8601 UTC.
 - ``X-Duplexgate-Timestamp`` holds the Unix time in whole seconds at which this attempt was signed.
 - ``X-Duplexgate-Signature`` holds ``v1=<hex>``, where ``<hex>`` is the lowercase hex HMAC-SHA256, keyed with
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-Duplexgate-Timestamp"
 SIGNATURE_HEADER = "X-Duplexgate-Signature"
 SIGNATURE_VERSION = "v1"
-EVENT_TYPES = ("call.started", "call.warning", "call.escalated", "call.ended")
+EVENT_TYPES = ("call.started", "call.warning", "call.escalated", "call.failover", "call.ended")
 USER_AGENT = "duplexgate-webhooks/1"
 DROP_WARNING_EVERY_S = 1.0  # under a flood, one warning a second (with a count) instead of one per event
 
