@@ -78,6 +78,7 @@ class Admission:
     reason: str = ""  # empty when ready
     size: int | None = None  # the step size a new session would make every step, where batching applies
     step_s: float | None = None  # what a step of that size takes now
+    full: bool = False  # not ready only because every slot is taken
 
 
 @dataclass(frozen=True)

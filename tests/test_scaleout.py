@@ -101,6 +101,8 @@ async def test_four_calls_fill_both_workers_and_the_fifth_gets_the_overflow(calm
         return [(w.free, w.active) for w in await calm.workers()] == [(0, 2), (0, 2)]
 
     assert await calm.until(full, 20.0), await calm.workers()
+    ready = httpx.get(f"{gateways[1].url}/readyz", timeout=5)  # full, yet still the place for webhooks
+    assert ready.status_code == 200 and "no free slot" in ready.json()["reason"]
     fifth = "CA" + "5" * 32
     async with httpx.AsyncClient() as client:
         answer = await client.post(

@@ -84,6 +84,8 @@ FailoverHook = Callable[["RemoteSession", Failover], None]
 class RemoteEngine:
     """Engine workers found in the registry, used as one engine (implements engine.api.Engine)."""
 
+    shared = True  # every gateway replica sees the same workers: a full house is full for all of them
+
     def __init__(
         self,
         registry: Registry,
@@ -128,7 +130,7 @@ class RemoteEngine:
             return Admission(False, "no engine worker is registered")
         open_ = [worker for worker in workers if worker.takes_calls]
         if not open_:
-            return Admission(False, f"no free slot on any of the {len(workers)} engine workers")
+            return Admission(False, f"no free slot on any of the {len(workers)} engine workers", full=True)
         step_ms = open_[0].step_ms
         return Admission(True, step_s=None if step_ms is None else step_ms / 1000)
 

@@ -118,21 +118,21 @@ def create_app(config: GatewayConfig, engine: Engine, *, metrics: bool = True) -
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Ready when the engine would admit a call now (a free slot, steps inside the real-time budget);
-        503 with the engine's reason otherwise."""
+        """Ready when the engine would admit a call now (a free slot, steps inside the real-time budget), or,
+        in front of engine workers, while any worker is registered; 503 with the engine's reason otherwise."""
         if gateway.draining:  # no engine measurement for a gateway that takes no calls
             admission = Admission(False, "draining: this gateway is shutting down")
         else:
             admission = await engine.admission()
-        body: dict[str, Any] = {
-            "status": "ready" if admission.ready else "unready",
-            "calls": len(gateway.calls),
-        }
+        # In front of shared engine workers a full house is full for every replica alike, and this one still
+        # gives callers the overflow answer: it stays in the load balancer.
+        ready = admission.ready or (admission.full and getattr(engine, "shared", False))
+        body: dict[str, Any] = {"status": "ready" if ready else "unready", "calls": len(gateway.calls)}
         if not admission.ready:
             body["reason"] = admission.reason
         if admission.step_s is not None:
             body["step_ms"] = round(admission.step_s * 1000, 1)
-        return JSONResponse(body, status_code=200 if admission.ready else 503)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     app.state.drain = lambda: gateway.drain(config.server.drain_grace_s)
 
