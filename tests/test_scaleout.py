@@ -149,6 +149,26 @@ async def test_a_worker_killed_mid_call_hands_the_call_to_the_other_within_a_sec
     assert (await calm.worker_of(survivor)) is not None
 
 
+async def test_a_hung_worker_is_noticed_by_its_missing_frames(calm: Cluster) -> None:
+    # SIGSTOP: the socket stays open, only the agent frames stop coming.
+    call = asyncio.create_task(
+        simulate_call(None, speech_like(CALL_S), webhook=f"{calm.procs['gB'].url}/twilio/voice", tail_s=0.3)
+    )
+    worker = await holder(calm)
+    await asyncio.sleep(1.5)
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        summary = await call
+    finally:
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.send_signal(signal.SIGCONT)
+    served(summary, share=0.7)
+    moved = (await record_of(calm, summary.call_sid)).failovers
+    assert len(moved) == 1 and moved[0]["why"].startswith("no agent frame for 0.8 s"), moved
+    gap_ms = summary.brief()["agent_gap_max_ms"]
+    assert gap_ms is not None and gap_ms < 0.8 * 1000 + 1000, gap_ms  # noticed at 0.8 s, then moved
+
+
 async def test_a_draining_worker_takes_no_new_call_and_finishes_its_own(calm: Cluster) -> None:
     wav = speech_like(CALL_S)
     first = asyncio.create_task(

@@ -14,7 +14,7 @@ from services import RedisServer, free_port, redis_server  # noqa: F401 (a fixtu
 from gateway.call.session import TranscriptPiece
 from gateway.ops.records import CallRecord, Escalation, RecordFormatError
 from gateway.ops.redis_store import RedisStore
-from gateway.ops.store import CallCommand, CallStore, LiveCall, MemoryStore, StoreError
+from gateway.ops.store import CallCommand, CallStore, LiveCall, MemoryStore, PreparedEntry, StoreError
 
 SHORT_TTL_S = 0.4  # for expiry tests: long enough for a loaded machine to heartbeat, short for the suite
 WAIT_LIMIT_S = 5.0
@@ -366,3 +366,34 @@ def test_record_of_an_unknown_version_is_refused() -> None:
 def test_record_that_is_not_a_json_object_is_refused() -> None:
     with pytest.raises(RecordFormatError, match="is a JSON list, not an object"):
         CallRecord.from_json("[1, 2]")
+
+
+# --- prepared calls ----------------------------------------------------------------------------------
+
+
+async def test_a_prepared_call_is_claimed_once_and_only_with_its_token(store: CallStore) -> None:
+    entry = PreparedEntry("CA1", "receptionist", "replica-a", "+15550001111", "+15550002222", 1700000000.0)
+    await store.put_prepared(entry, "the-token", ttl_s=30)
+    assert await store.claim_prepared("CA1", "not-the-token") is None
+    assert await store.claim_prepared("CA2", "the-token") is None
+    assert await store.claim_prepared("CA1", "the-token") == entry
+    assert await store.claim_prepared("CA1", "the-token") is None  # single use
+    assert await store.drop_prepared("CA1") is False  # claimed: nothing left to drop
+
+
+async def test_a_prepared_call_and_its_engine_expire(store: CallStore) -> None:
+    await store.put_prepared(PreparedEntry("CA1", "a", "r"), "t", ttl_s=0.2)
+    await store.put_prepared_engine("CA1", '{"ticket": "x"}', ttl_s=0.2)
+    assert await store.prepared_engine("CA1") == '{"ticket": "x"}'
+    await asyncio.sleep(0.3)
+    assert await store.claim_prepared("CA1", "t") is None
+    assert await store.prepared_engine("CA1") is None
+    await store.put_prepared(PreparedEntry("CA2", "a", "r"), "t", ttl_s=30)
+    assert await store.drop_prepared("CA2") is True and await store.claim_prepared("CA2", "t") is None
+
+
+async def test_two_replicas_racing_for_one_prepared_call_get_it_once(redis_stores) -> None:
+    a, b = redis_stores(), redis_stores()
+    await a.put_prepared(PreparedEntry("CA1", "a", "r"), "t", ttl_s=30)
+    claims = await asyncio.gather(*(store.claim_prepared("CA1", "t") for store in (a, b) for _ in range(10)))
+    assert sum(claim is not None for claim in claims) == 1

@@ -367,10 +367,15 @@ class RemoteSession:
                 compression=None,  # PCM does not compress; deflating it would only cost CPU
                 ping_interval=None,  # the frames themselves show the worker is alive
                 max_size=1 << 20,
+                close_timeout=1.0,  # closing a session we are done with: the worker answers at once
             ) as ws:
                 sender = asyncio.create_task(self._send(ws))
                 try:
-                    return await self._receive(ws)
+                    why = await self._receive(ws)
+                    # Lost: no closing handshake with a worker that may never answer it (a hung one would
+                    # hold the call for the close timeout).
+                    ws.transport.abort()
+                    return why
                 finally:
                     sender.cancel()
                     await asyncio.gather(sender, return_exceptions=True)
