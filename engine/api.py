@@ -7,6 +7,7 @@ exactly one 80 ms agent frame (PCM plus the text piece of that step) comes out, 
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_TOP_K",
     "SAMPLE_RATE",
     "AgentFrame",
+    "AgentFrames",
     "Engine",
     "EngineBusy",
     "EngineError",
@@ -99,6 +101,41 @@ class AgentFrame:
     pcm: np.ndarray  # float32 [FRAME_SAMPLES], 24 kHz, nominally in [-1, 1]
     text: str  # the text piece of this step ("" when the model emitted padding)
     token: int  # raw text token id (3 = PAD, 0 = end of padding)
+
+
+class AgentFrames:
+    """A session's agent frames on their way to its reader: at most `limit` wait (nobody reading keeps the
+    newest), and the stream ends once, with the session's close reason: `engine_lost` raises SessionClosed
+    in the reader, any other reason ends the iteration."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queue: asyncio.Queue[AgentFrame | str] = asyncio.Queue()
+
+    def put(self, frame: AgentFrame) -> bool:
+        """Queue `frame`; True when the oldest waiting frame was dropped to make room."""
+        dropped = self._queue.qsize() >= self.limit
+        if dropped:
+            self._queue.get_nowait()
+        self._queue.put_nowait(frame)
+        return dropped
+
+    def end(self, reason: str) -> None:
+        self._queue.put_nowait(reason)
+
+    def waiting(self) -> int:
+        """Frames (and the end, once the session ended) not read yet."""
+        return self._queue.qsize()
+
+    async def read(self, session: str) -> AsyncIterator[AgentFrame]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, AgentFrame):
+                yield item
+            elif item == "engine_lost":
+                raise SessionClosed(f"session {session}: the engine lost this session")
+            else:
+                return
 
 
 class EngineSession(Protocol):

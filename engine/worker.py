@@ -37,6 +37,7 @@ from engine.api import (
     FRAME_SAMPLES,
     Admission,
     AgentFrame,
+    AgentFrames,
     EngineBusy,
     EngineError,
     SessionClosed,
@@ -155,7 +156,7 @@ class WorkerSession:
         self._worker = worker
         self._forced: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[np.ndarray] = collections.deque()
-        self._outbox: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
+        self._outbox = AgentFrames(MAX_QUEUED_FRAMES)
         self._frames_out = 0
         self._slot_lock = asyncio.Lock()  # held while the slot's state is rewritten (reprime, move)
         self._priming = False  # re-anchoring: its slot takes no step until the new prompt is in
@@ -174,14 +175,8 @@ class WorkerSession:
         self._inbox.append(frame)
         self._worker._wake.set()
 
-    async def frames(self) -> AsyncIterator[AgentFrame]:
-        while True:
-            frame = await self._outbox.get()
-            if frame is None:
-                if self.close_reason == "engine_lost":
-                    raise SessionClosed(f"session {self.id}: the engine lost this session")
-                return
-            yield frame
+    def frames(self) -> AsyncIterator[AgentFrame]:
+        return self._outbox.read(self.id)
 
     async def close(self) -> None:
         self._finish("closed")
@@ -227,10 +222,8 @@ class WorkerSession:
 
     def _deliver(self, pcm: np.ndarray, token: int) -> None:
         text = "" if token in SILENT_TEXT_IDS else self._worker.piece(token)
-        if self._outbox.qsize() >= MAX_QUEUED_FRAMES:  # nobody reads this session's frames: keep the newest
-            self._outbox.get_nowait()
+        if self._outbox.put(AgentFrame(self._frames_out, pcm, text, token)):  # nobody reads: kept the newest
             self._worker.stats.dropped_frames += 1
-        self._outbox.put_nowait(AgentFrame(self._frames_out, pcm, text, token))
         self._frames_out += 1
 
     def _finish(self, reason: str) -> None:
@@ -238,7 +231,7 @@ class WorkerSession:
             return
         self.closed, self.close_reason = True, reason
         self._inbox.clear()
-        self._outbox.put_nowait(None)
+        self._outbox.end(reason)
         self._worker._release(self)
 
 

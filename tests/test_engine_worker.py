@@ -323,7 +323,7 @@ async def test_agent_frames_nobody_reads_are_bounded_and_the_newest_kept(worker)
         deadline = time.monotonic() + 10
         while worker.stats.steps < 20 * batch and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-    assert session._outbox.qsize() == MAX_QUEUED_FRAMES
+    assert session._outbox.waiting() == MAX_QUEUED_FRAMES
     assert worker.stats.dropped_frames == 60 - MAX_QUEUED_FRAMES
     first = await asyncio.wait_for(session.frames().__anext__(), 1)
     assert first.index == 60 - MAX_QUEUED_FRAMES

@@ -35,6 +35,7 @@ from engine.api import (
     FRAME_SAMPLES,
     Admission,
     AgentFrame,
+    AgentFrames,
     EngineBusy,
     EngineError,
     SessionClosed,
@@ -214,7 +215,7 @@ class RemoteSession:
         self._pushed = 0  # frames pushed to the current worker session
         self._outgoing: collections.deque[np.ndarray | str] = collections.deque()
         self._ready_to_send = asyncio.Event()
-        self._frames: asyncio.Queue[AgentFrame | None] = asyncio.Queue()
+        self._frames = AgentFrames(MAX_QUEUED_FRAMES)
         self._delivered = 0
         # frames sent on this connection and not answered yet (when, frame): a lost worker's go to the next
         self._unanswered: collections.deque[tuple[float, np.ndarray]] = collections.deque()
@@ -237,15 +238,9 @@ class RemoteSession:
         self._ready_to_send.set()
         self._run()
 
-    async def frames(self) -> AsyncIterator[AgentFrame]:
+    def frames(self) -> AsyncIterator[AgentFrame]:
         self._run()
-        while True:
-            frame = await self._frames.get()
-            if frame is None:
-                if self.close_reason == "engine_lost":
-                    raise SessionClosed(f"session {self.id}: no engine worker could keep this session")
-                return
-            yield frame
+        return self._frames.read(self.id)
 
     async def close(self) -> None:
         if self.close_reason is not None:
@@ -433,9 +428,7 @@ class RemoteSession:
             self._unanswered.popleft()
         if text:
             self._recent.append(text)
-        if self._frames.qsize() >= MAX_QUEUED_FRAMES:  # nobody reads: keep the newest
-            self._frames.get_nowait()
-        self._frames.put_nowait(AgentFrame(self._delivered, pcm, text, token))
+        self._frames.put(AgentFrame(self._delivered, pcm, text, token))  # nobody reading keeps the newest
         self._delivered += 1
 
     def _on_control(self, message: dict[str, Any]) -> None:
@@ -452,7 +445,7 @@ class RemoteSession:
             return
         self.close_reason = reason
         self._outgoing.clear()
-        self._frames.put_nowait(None)
+        self._frames.end(reason)
         self.engine._sessions.discard(self)
         if self._reprimed is not None and not self._reprimed.done():
             self._reprimed.set_exception(SessionClosed(f"session {self.id} is closed ({reason})"))
