@@ -23,6 +23,9 @@ from gateway.ops.store import CallStore, PreparedEntry, StoreError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # a replica waiting for another's priming looks this often
+# The replica that answered drops its unclaimed calls when their token TTL is up; the store keeps them this
+# much longer only so that a replica which died meanwhile does not leave them behind for good.
+STORE_GRACE_S = 10.0
 
 
 @dataclass
@@ -66,7 +69,7 @@ class PreparedCalls:
             call.call_id, call.agent.name, self.replica, call.caller, call.called, call.received_at
         )
         try:
-            await self.store.put_prepared(entry, call.token, self.ttl_s)
+            await self.store.put_prepared(entry, call.token, self.ttl_s + STORE_GRACE_S)
         except StoreError as exc:  # this replica can still serve the stream itself
             log.error("call %s: prepared call not shared with other replicas: %s", call.call_id, exc)
             return
@@ -133,7 +136,7 @@ class PreparedCalls:
             outcome = {"embedded": self.replica}
         assert self.store is not None
         try:
-            await self.store.put_prepared_engine(call_id, json.dumps(outcome), self.ttl_s)
+            await self.store.put_prepared_engine(call_id, json.dumps(outcome), self.ttl_s + STORE_GRACE_S)
         except StoreError as exc:
             log.error("call %s: priming not published to other replicas: %s", call_id, exc)
 

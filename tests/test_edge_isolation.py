@@ -50,7 +50,8 @@ async def call_beside(live, directory: Path, times_real_time: int) -> tuple[dict
     sent, _ = await asyncio.wait_for(neighbour.communicate(), 30)
     summary = json.loads(out)
     assert caller.returncode == 0 and summary["closed_by"] == "carrier" and summary["violations"] == 0
-    assert summary["media_received"] >= summary["media_sent"] // 4 - 1  # no agent frame lost
+    # no agent frame lost: all but the last two (in flight when the caller hangs up) reached the caller
+    assert summary["media_received"] >= summary["media_sent"] // 4 - 2
     return summary, int(sent)
 
 

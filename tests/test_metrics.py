@@ -26,6 +26,7 @@ from test_recorder import stored_record
 from engine.echo import EchoEngine
 from engine.worker import WorkerStats
 from gateway.call.notices import CallNotice, NoticeKind
+from gateway.carriers.base import AnsweredWithoutStream
 from gateway.ops.metrics import DROP_CAUSES, GatewayMetrics, reason_label, refusal_label
 from gateway.simulator.call import simulate_call
 
@@ -130,9 +131,13 @@ async def test_metrics_answer_503_without_a_key_configured(start_gateway, monkey
 
 async def test_a_refused_call_is_counted_by_reason(start_gateway, tone_wav) -> None:
     live = start_gateway(EchoEngine(max_sessions=0))
-    await simulate_call(None, tone_wav(440, 0.5), webhook=live.webhook, tail_s=0.1)
+    with pytest.raises(AnsweredWithoutStream):  # the webhook answers the overflow
+        await simulate_call(None, tone_wav(440, 0.5), webhook=live.webhook, tail_s=0.1)
+    await simulate_call(
+        live.ws_url, tone_wav(440, 0.5), tail_s=0.1
+    )  # a stream with no webhook: refused at open
     samples = await scrape(live)
-    assert value(samples, "duplexgate_admission_refusals_total", reason="no_slot") == 1
+    assert value(samples, "duplexgate_admission_refusals_total", reason="no_slot") == 2
     assert value(samples, "duplexgate_calls_ended_total", carrier="twilio", reason="engine_unavailable") == 1
 
 

@@ -15,6 +15,7 @@ import torch
 from services import free_port
 
 from engine.echo import EchoEngine
+from gateway.carriers.base import AnsweredWithoutStream
 from gateway.config import load_config
 from gateway.ops.recorder import CallRecorder
 from gateway.ops.store import LiveCall, MemoryStore
@@ -78,10 +79,23 @@ async def test_a_call_that_ends_normally_leaves_a_full_record(start_gateway, eng
     assert expected and record["transcript"] == expected
 
 
+async def test_a_call_the_webhook_turns_away_leaves_an_overflow_record(
+    start_gateway, engine, tone_wav
+) -> None:
+    engine.admit_fraction = -1.0  # any step time is too slow: no call is admitted
+    live = start_gateway(engine)
+    sid = "CA" + "7" * 32
+    with pytest.raises(AnsweredWithoutStream, match="busy"):
+        await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook, call_sid=sid)
+    record = await stored_record(live, sid)
+    assert record["end_reason"] == "overflow" and record["answered_at"] is None
+    assert record["caller"] == "+15550001111" and record["agent"] == "receptionist"
+
+
 async def test_a_call_refused_by_a_busy_engine_leaves_a_record(start_gateway, engine, tone_wav) -> None:
     engine.admit_fraction = -1.0  # any step time is too slow: every open raises EngineBusy
     live = start_gateway(engine)
-    summary = await simulate_call(None, tone_wav(440, 2.0), webhook=live.webhook)
+    summary = await simulate_call(live.ws_url, tone_wav(440, 2.0))  # no webhook: refused when it opens
     assert summary.closed_by == "gateway" and summary.media_received == 0
     record = await stored_record(live, summary.call_sid)
     assert record["end_reason"].startswith("engine_unavailable: EngineBusy")
