@@ -105,7 +105,7 @@ class Cluster:
         env.pop("DUPLEXGATE_WORKER_URL", None)
         command = [sys.executable, "-m", "gateway.cli", kind, "--config", str(self.config)]
         command += ["--host", "127.0.0.1", "--port", str(port)]
-        with log.open("wb") as out:
+        with log.open("ab") as out:  # a restarted process adds to its log: the story of a test stays whole
             process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.directory
             )

@@ -162,6 +162,7 @@ async def test_a_hung_worker_is_noticed_by_its_missing_frames(calm: Cluster) -> 
     finally:
         worker.process.send_signal(signal.SIGKILL)
         worker.process.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(worker.process.wait, 10)  # gone before the next test counts workers
     served(summary, share=0.7)
     moved = (await record_of(calm, summary.call_sid)).failovers
     assert len(moved) == 1 and moved[0]["why"].startswith("no agent frame for 0.8 s"), moved
