@@ -35,9 +35,14 @@ def test_the_demo_serves_a_call_then_two_at_once_and_refuses_a_third_with_the_re
     for result in served:
         assert_served(result, input_s)
     status, summary, stderr = refused[0]
-    assert status == 1 and summary["closed_by"] == "gateway"
-    assert "close code 1000" in stderr and "all 2 engine slots are in use" in stderr
-    assert "EngineBusy" in demo_server.log.read_text()
+    assert status == 1
+    if summary:  # all three webhooks came before a prime held a slot: the stream is refused when it opens
+        assert summary["closed_by"] == "gateway"
+        assert "close code 1000" in stderr and "all 2 engine slots are in use" in stderr
+        assert "EngineBusy" in demo_server.log.read_text()
+    else:  # the usual case: the third webhook found both slots taken and answered the overflow
+        assert "no stream: said 'Sorry, all of our agents are busy" in stderr
+        assert "no engine slot free (all 2 engine slots are in use)" in demo_server.log.read_text()
 
 
 @pytest.mark.slow
