@@ -17,13 +17,9 @@ import contextlib
 import os
 import platform
 import random
-import secrets
 import shlex
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +33,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' two-tier cluster
+
+from cluster import ADMIT_FRACTION, WORKER_KEY, Cluster  # noqa: E402
 
 from engine.api import FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, AgentFrame, Sampling, SessionSpec  # noqa: E402
-from engine.checkpoint import write_random_checkpoint  # noqa: E402
 from engine.embedded import build_engine, use_cpu_threads  # noqa: E402
 from engine.loading import load_text_tokenizer, resolve_checkpoint  # noqa: E402
 from engine.remote.client import RemoteEngine  # noqa: E402
 from engine.remote.registry import Registry  # noqa: E402
-from gateway.config import EXAMPLE_CONFIG  # noqa: E402
 
 try:  # uvicorn runs the worker (and a gateway) on uvloop when it is installed: the client side does too
     import uvloop
@@ -55,64 +52,12 @@ FRAME_MS = 1000 * FRAME_S
 WARMUP_S = 1.0  # the first second of each call (connection set-up, first steps) is left out of every figure
 PROMPT = "You answer the phone for a bakery. Be brief and friendly."
 TARGET_P99_MS = 2.0  # the issue: the extra hop adds at most 2 ms p99 per 80 ms frame
-# Admission by free slots only (as tests/cluster.py): a step-time refusal on a busy 2-core box would end the
-# run, and admission changes nothing about how a step runs. Applied to both engines alike.
-ADMIT_FRACTION = 100.0
-START_TIMEOUT_S = 180.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SATURATED = 0.8  # a model thread busy more of the time than this: frames queue behind back-to-back steps
 STEP_METRIC = "duplexgate_worker_step_seconds"  # the worker's step-time histogram (engine/remote/server.py)
 
 
 # ---- processes: redis-server and one engine worker --------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def stop(process: subprocess.Popen[bytes] | None, sig: int, timeout_s: float = 30.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def worker_config(workdir: Path, checkpoint: Path, slots: int, redis_url: str) -> Path:
-    """deploy/example.toml with the tiny checkpoint, `slots` slots, the store in our Redis and workers on (the
-    same rewrite as tests/cluster.py)."""
-    text = EXAMPLE_CONFIG.read_text()
-    replacements = {
-        'checkpoint = ""': f'checkpoint = "{checkpoint}"',
-        "slots = 0 ": f"slots = {slots} ",
-        "admit_fraction = 0.8": f"admit_fraction = {ADMIT_FRACTION}",
-        "enabled = false": "enabled = true",
-        "[store]\n": f'[store]\nurl = "{redis_url}"\n',
-        'url = ""\nreplica_id': "replica_id",  # the example's empty store url, now given above
-    }
-    for old, new in replacements.items():
-        if old not in text:
-            sys.exit(f"bench/hop.py: {EXAMPLE_CONFIG} no longer holds {old!r}; update worker_config()")
-        text = text.replace(old, new, 1)
-    config = workdir / "worker.toml"
-    config.write_text(text)
-    shutil.copy(EXAMPLE_CONFIG.parent / "customers.example.csv", workdir)  # the config's CRM file
-    return config
 
 
 @dataclass
@@ -124,65 +69,18 @@ class Services:
 
 
 @contextlib.contextmanager
-def services(workdir: Path, checkpoint: Path, slots: int) -> Iterator[Services]:
-    """A redis-server and one `duplexgate worker` process on loopback, both stopped on the way out, whatever
-    happens (error, Ctrl-C)."""
-    redis_bin = shutil.which("redis-server")
-    if redis_bin is None:
-        sys.exit("bench/hop.py: redis-server not found on PATH (Debian package redis-server)")
-    redis_port, worker_port = free_port(), free_port()
-    redis_url, key = f"redis://127.0.0.1:{redis_port}/0", secrets.token_urlsafe(24)
-    config = worker_config(workdir, checkpoint, slots, redis_url)
-    redis = worker = None
-    worker_log = workdir / "worker.log"
+def services(workdir: Path, slots: int) -> Iterator[Services]:
+    """A redis-server and one `duplexgate worker` process on loopback (the tests' two-tier cluster, which
+    writes the tiny checkpoint to workdir/tiny and admits by free slots only), stopped on the way out,
+    whatever happens (error, Ctrl-C)."""
+    cluster = Cluster(workdir, slots=slots)
     try:
-        with (workdir / "redis.log").open("wb") as out:
-            redis = subprocess.Popen(
-                [
-                    redis_bin,
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
-        deadline = time.monotonic() + 30
-        while not redis_answers(redis_port):
-            if redis.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"bench/hop.py: redis-server did not start:\n{(workdir / 'redis.log').read_text()}")
-            time.sleep(0.05)
-        env = {**os.environ, "DUPLEXGATE_WORKER_KEY": key, "DUPLEXGATE_HOME": str(workdir / "home")}
-        env.pop("DUPLEXGATE_WORKER_URL", None)  # the worker must advertise the loopback address we dial
-        command = [sys.executable, "-m", "gateway.cli", "worker", "--config", str(config)]
-        command += ["--host", "127.0.0.1", "--port", str(worker_port)]
-        with worker_log.open("wb") as out:
-            worker = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-        url = f"http://127.0.0.1:{worker_port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"bench/hop.py: the worker did not get ready:\n{worker_log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.25)
-        yield Services(redis_url, worker.pid, url, key)
+        cluster.start_redis()
+        worker = cluster.start("worker", "worker")
+        cluster.wait_ready(worker)
+        yield Services(cluster.redis_url, worker.process.pid, worker.url, WORKER_KEY)
     finally:
-        stop(worker, signal.SIGINT)
-        stop(redis, signal.SIGTERM, 10)
+        cluster.close()
 
 
 @dataclass(frozen=True)
@@ -649,6 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def measure(args: argparse.Namespace, checkpoint: Path, svc: Services) -> list[Block]:
     files = resolve_checkpoint(checkpoint)
+    # admitted as the cluster's worker is, by free slots only
     embedded = build_engine(files, torch.device("cpu"), capacity=args.slots, admit_fraction=ADMIT_FRACTION)
     remote = RemoteEngine(Registry(svc.redis_url), svc.key, load_text_tokenizer(files.tokenizer))
 
@@ -735,10 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     print_header(args)
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
         workdir = Path(tmp)
-        checkpoint = write_random_checkpoint(workdir / "tiny")  # before the worker starts: it reads it
         print("  starting redis-server and the worker ...", file=sys.stderr, flush=True)
-        with services(workdir, checkpoint, args.slots) as svc:
-            blocks = (uvloop.run if uvloop else asyncio.run)(measure(args, checkpoint, svc))
+        with services(workdir, args.slots) as svc:
+            blocks = (uvloop.run if uvloop else asyncio.run)(measure(args, workdir / "tiny", svc))
     print_blocks(blocks)
     same_tokens(blocks, args.calls)
     report(blocks, args.calls)

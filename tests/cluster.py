@@ -23,6 +23,9 @@ from gateway.config import EXAMPLE_CONFIG
 
 WORKER_KEY = "cluster-test-worker-key-0123456789"
 START_TIMEOUT_S = 120.0
+# Admission by free slots only: the step-time budget would turn calls away on a loaded 2-core test machine,
+# and these tests are about where calls go, not how fast steps are.
+ADMIT_FRACTION = 100.0
 
 
 @dataclass
@@ -60,9 +63,7 @@ class Cluster:
         replacements = {
             'checkpoint = ""': f'checkpoint = "{checkpoint}"',
             "slots = 0 ": f"slots = {self.slots} ",
-            # Admission by free slots only: the step-time budget would turn calls away on a loaded 2-core
-            # test machine, and these tests are about where calls go, not how fast steps are.
-            "admit_fraction = 0.8": "admit_fraction = 100.0",
+            "admit_fraction = 0.8": f"admit_fraction = {ADMIT_FRACTION}",
             "enabled = false": "enabled = true",
             "drain_grace_s = 600.0": f"drain_grace_s = {self.drain_grace_s}",
         }
