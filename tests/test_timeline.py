@@ -380,15 +380,21 @@ async def feed_call(call: CallSession, audio: bytes) -> None:
         await call.handle(CallerAudio(audio[k : k + 160]))
 
 
-async def test_the_session_puts_both_sides_on_the_call_clock() -> None:
-    engine = EchoEngine()
-    sent: list[Any] = []
+def echo_call() -> CallSession:
+    """A started call on the echo engine whose carrier takes every command."""
 
     async def carrier(command: Any) -> None:
-        sent.append(command)
+        pass
 
-    call = CallSession(CallStarted("CA-t", "MZ-t"), engine.open(SessionSpec(voice="v", prompt="p")), carrier)
+    call = CallSession(
+        CallStarted("CA-t", "MZ-t"), EchoEngine().open(SessionSpec(voice="v", prompt="p")), carrier
+    )
     call.start()
+    return call
+
+
+async def test_the_session_puts_both_sides_on_the_call_clock() -> None:
+    call = echo_call()
     silent = bytes([0xFF]) * 8000  # 1 s of mu-law silence
     await feed_call(call, silent + mulaw_speech(1.0) + silent)
     for _ in range(200):
@@ -405,14 +411,7 @@ async def test_the_session_puts_both_sides_on_the_call_clock() -> None:
 
 
 async def test_a_failing_timeline_never_breaks_the_call(caplog: pytest.LogCaptureFixture) -> None:
-    engine = EchoEngine()
-    sent: list[Any] = []
-
-    async def carrier(command: Any) -> None:
-        sent.append(command)
-
-    call = CallSession(CallStarted("CA-t", "MZ-t"), engine.open(SessionSpec(voice="v", prompt="p")), carrier)
-    call.start()
+    call = echo_call()
     assert call.timeline is not None
 
     def broken(*args: Any) -> None:
