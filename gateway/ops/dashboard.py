@@ -593,13 +593,11 @@ class Dashboard:
 
     def gate(self, request: Request) -> Response | None:
         """None when the request may see the pages; else the answer (503, 429, or 401 with the form)."""
-        key = self.control.api_key
-        if key is None:
-            return self._disabled()
-        address = client_address(request)
+        opened = self._open_to(request)
+        if isinstance(opened, Response):
+            return opened
+        key, address = opened
         throttle = self.control.gateway.auth_throttle
-        if (retry := throttle.retry_after(address)) is not None:
-            return self._throttled(retry)
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         header = request.headers.get("authorization")
         if header is not None:
@@ -616,6 +614,17 @@ class Dashboard:
         if verdict == "forged":  # a genuine one has only expired, or outlived a change of key
             throttle.failed(address)
         return self._login(401, here, "please sign in again")
+
+    def _open_to(self, request: Request) -> tuple[str, str] | Response:
+        """(the key, the address) when the dashboard is on and the request's address is not locked out;
+        else the answer: 503 (no key set) or 429 (too many failures)."""
+        key = self.control.api_key
+        if key is None:
+            return self._disabled()
+        address = client_address(request)
+        if (retry := self.control.gateway.auth_throttle.retry_after(address)) is not None:
+            return self._throttled(retry)
+        return key, address
 
     def _throttled(self, retry_after: dict[str, str]) -> Response:
         return self._message(429, "Too many failed sign-ins", "try later", **retry_after)
@@ -663,13 +672,11 @@ class Dashboard:
 
         @router.post("/login")
         async def login(request: Request) -> Response:
-            key = self.control.api_key
-            if key is None:
-                return self._disabled()
-            address = client_address(request)
+            opened = self._open_to(request)
+            if isinstance(opened, Response):
+                return opened
+            key, address = opened
             throttle = self.control.gateway.auth_throttle
-            if (retry := throttle.retry_after(address)) is not None:
-                return self._throttled(retry)
             try:
                 form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=8)
             except ValueError:  # more fields than the form has
