@@ -231,7 +231,7 @@ class RemoteSession:
         frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if frame.shape[0] != FRAME_SAMPLES:
             raise ValueError(f"session {self.id}: a frame is {FRAME_SAMPLES} samples, got {frame.shape[0]}")
-        if sum(isinstance(item, np.ndarray) for item in self._outgoing) >= MAX_QUEUED_FRAMES:
+        if self._queued_frames() >= MAX_QUEUED_FRAMES:
             self._drop_oldest_frame()
         self._outgoing.append(frame)
         self._pushed += 1
@@ -285,6 +285,10 @@ class RemoteSession:
         self._ready_to_send.set()
         self._run()
 
+    def _queued_frames(self) -> int:
+        """Caller frames waiting to be sent (control messages wait beside them)."""
+        return sum(isinstance(item, np.ndarray) for item in self._outgoing)
+
     def _drop_oldest_frame(self) -> None:
         for index, item in enumerate(self._outgoing):
             if isinstance(item, np.ndarray):
@@ -330,7 +334,7 @@ class RemoteSession:
                 self._finish("engine_lost")
                 return
             self.ticket, self._positions = ticket, ticket.positions
-            self._pushed = sum(isinstance(item, np.ndarray) for item in self._outgoing)
+            self._pushed = self._queued_frames()
             failover = Failover(old.worker, ticket.worker, why, time.monotonic() - noticed, replayed)
             self.failovers.append(failover)
             if self._reprimed is not None and not self._reprimed.done():
@@ -339,7 +343,7 @@ class RemoteSession:
 
     def _respec(self) -> SessionSpec:
         """The spec to prime another worker with: the role prompt plus the agent's recent words."""
-        spec, budget = self.ticket.spec, self._positions.context // 2 - self._positions.prompt_overhead
+        spec, budget = self.ticket.spec, self.reprime_token_budget()
         prompt = None
         if self.engine.reanchor is not None and self._recent:
             prompt = self.engine.reanchor(self, list(self._recent), budget)
@@ -352,7 +356,7 @@ class RemoteSession:
         # What the lost worker never answered goes to this one first: one agent frame per caller frame.
         self._outgoing.extendleft(frame for _, frame in reversed(self._unanswered))
         self._unanswered.clear()
-        while sum(isinstance(item, np.ndarray) for item in self._outgoing) > MAX_QUEUED_FRAMES:
+        while self._queued_frames() > MAX_QUEUED_FRAMES:
             self._drop_oldest_frame()
         try:
             async with connect(

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.api import FRAME_S
@@ -135,8 +135,9 @@ class CallRecorder:
         if notes is None:
             log.warning("call %s ended without a start the recorder saw; no record kept", notice.call_id)
             return
-        record = self.build_record(notes.call, notes.started_at, notes.escalations, ended_at=time.time())
-        record = replace(record, failovers=tuple(notes.failovers))
+        record = self.build_record(
+            notes.call, notes.started_at, notes.escalations, ended_at=time.time(), failovers=notes.failovers
+        )
         self._then(notice.call_id, self._finish(record), "store the call record")
 
     async def _update(self, call_id: str, details: dict[str, Any]) -> None:
@@ -188,6 +189,7 @@ class CallRecorder:
         started_at: float,
         escalations: list[Escalation],
         ended_at: float | None = None,
+        failovers: list[dict[str, Any]] | None = None,
     ) -> CallRecord:
         """The record of `call` as it stands now, from the session and what the gateway knows of it."""
         agent = self._agent_of(call)
@@ -220,6 +222,7 @@ class CallRecorder:
             transcript=tuple(call.transcript),
             counters=counters,
             timeline=self._timeline_of(call),
+            failovers=tuple(failovers or ()),
         )
 
     def _timeline_of(self, call: CallSession) -> dict[str, Any]:
