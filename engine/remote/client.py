@@ -4,7 +4,7 @@ CallSession cannot tell it from the embedded engine.
 
 A session is primed on a worker (`reserve`: POST /sessions on the worker with the most free slots that
 takes it) and yields a Ticket, which any gateway may `attach` to; the connection opens on first use. When
-its worker dies (the connection ends, or pushed frames go unanswered for `lost_after_s`) the session moves
+its worker dies (the connection ends, or it owes frames and says nothing for `lost_after_s`) the session moves
 on its own: it is primed again on another worker with the role prompt plus the agent's recent words; the
 caller frames the lost worker never answered, and those pushed meanwhile, follow it; `failover_hooks` are
 told. With no worker to take it, it ends as `engine_lost` like an embedded session whose engine failed.
@@ -57,7 +57,7 @@ from engine.remote.registry import Registry, RegistryError, WorkerInfo
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_FRAMES = 25  # 2 s either way, as in the embedded worker: beyond it the oldest go
-LOST_AFTER_S = 0.8  # a pushed frame unanswered this long: the worker is hung or gone
+LOST_AFTER_S = 0.8  # owing frames and silent this long: the worker is hung or gone
 LISTING_KEPT_S = 5.0  # while the registry is unreachable, its last listing serves this long
 RECENT_PIECES = 400  # text pieces kept for a failover's re-anchor prompt
 CONNECT_TIMEOUT_S = 5.0
@@ -219,6 +219,7 @@ class RemoteSession:
         self._delivered = 0
         # frames sent on this connection and not answered yet (when, frame): a lost worker's go to the next
         self._unanswered: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self._heard_at = 0.0  # when the worker's last message arrived
         self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_PIECES)
         self._reprimed: asyncio.Future[Positions] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -408,6 +409,7 @@ class RemoteSession:
             except ConnectionClosed as exc:
                 closed = exc.rcvd
                 return f"connection closed ({closed.code} {closed.reason})" if closed else "connection lost"
+            self._heard_at = time.monotonic()
             try:
                 if isinstance(message, bytes):
                     self._deliver(*decode_agent(message))
@@ -416,16 +418,22 @@ class RemoteSession:
             except ProtocolError as exc:
                 return f"protocol error: {exc}"
 
+    def _silent_since(self) -> float:
+        """Since when the worker owes an answer and has said nothing: the later of its last message and the
+        oldest frame it has not answered. A slow worker still answers, frame after frame, and is not lost
+        however long its backlog; a hung one goes silent."""
+        return max(self._heard_at, self._unanswered[0][0])
+
     def _patience(self) -> float:
         """How long to wait for the next message before checking whether the worker is overdue."""
         if not self._unanswered or self._reprimed is not None:
             return self.engine.lost_after_s
-        return max(0.02, self._unanswered[0][0] + self.engine.lost_after_s - time.monotonic())
+        return max(0.02, self._silent_since() + self.engine.lost_after_s - time.monotonic())
 
     def _overdue(self) -> bool:
         if self._reprimed is not None or not self._unanswered:  # a re-prime pauses the session's frames
             return False
-        return time.monotonic() - self._unanswered[0][0] >= self.engine.lost_after_s
+        return time.monotonic() - self._silent_since() >= self.engine.lost_after_s
 
     def _deliver(self, token: int, text: str, pcm: np.ndarray) -> None:
         if self._unanswered:
