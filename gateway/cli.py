@@ -79,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dtmf", nargs="*", default=[], metavar="DIGIT@SECONDS", help="key presses, e.g. 1@2.5s"
     )
     call.add_argument("--tail", type=float, default=1.0, help="seconds of silence sent after the input")
+    call.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="then stay on the line, sending nothing, up to this many seconds until every frame is answered",
+    )
     call.set_defaults(run=_call)
 
     prompt = commands.add_parser("prompt", help="role prompt tools")

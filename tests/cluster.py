@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from serveproc import ADMIT_FRACTION
 from services import free_port, start_redis
 
 from engine.checkpoint import write_random_checkpoint
@@ -23,9 +24,6 @@ from gateway.config import EXAMPLE_CONFIG
 
 WORKER_KEY = "cluster-test-worker-key-0123456789"
 START_TIMEOUT_S = 120.0
-# Admission by free slots only: the step-time budget would turn calls away on a loaded 2-core test machine,
-# and these tests are about where calls go, not how fast steps are.
-ADMIT_FRACTION = 100.0
 
 
 @dataclass

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from serveproc import ADMIT_FRACTION
 
 from engine.api import Engine
 from engine.checkpoint import write_random_checkpoint
@@ -66,8 +67,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(tiny_checkpoint: Path) -> Iterator[Engine]:
-    """The real engine (model, batching worker, admission on) on the tiny checkpoint, for gateway tests."""
-    worker = build_engine(resolve_checkpoint(tiny_checkpoint), torch.device("cpu"), capacity=4)
+    """The real engine (model, batching worker, admission by free slots) on the tiny checkpoint, for gateway
+    tests."""
+    files = resolve_checkpoint(tiny_checkpoint)
+    worker = build_engine(files, torch.device("cpu"), capacity=4, admit_fraction=ADMIT_FRACTION)
     yield worker
     worker.shutdown()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from serveproc import ADMIT_FRACTION
 
 from engine.api import SessionSpec
 from engine.checkpoint import load_models, write_random_checkpoint
@@ -67,7 +68,12 @@ def test_default_engine_serves_the_random_model_with_a_noise_notice(tmp_path, mo
     threads = torch.get_num_threads()
     try:
         settings = SimpleNamespace(
-            checkpoint="", device="cpu", cuda_graphs=True, cpu_threads=1, slots=0, admit_fraction=0.8
+            checkpoint="",
+            device="cpu",
+            cuda_graphs=True,
+            cpu_threads=1,
+            slots=0,
+            admit_fraction=ADMIT_FRACTION,
         )
         engine = create_default_engine(settings)
         assert torch.get_num_threads() == 1  # the demo engine runs its CPU kernels on one thread

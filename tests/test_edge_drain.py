@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 from callaudio import speech_like
-from serveproc import serve
+from serveproc import ADMIT_FRACTION, serve
 from services import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 from gateway.ops.redis_store import RedisStore
@@ -21,10 +21,21 @@ from gateway.simulator.call import simulate_call
 def drain_config(directory: Path, redis_url: str, grace_s: float) -> Path:
     config = directory / "gateway.toml"
     config.write_text(
-        f'[server]\ndrain_grace_s = {grace_s}\n[engine]\nslots = 4\n[store]\nurl = "{redis_url}"\n'
+        f"[server]\ndrain_grace_s = {grace_s}\n[engine]\nslots = 4\nadmit_fraction = {ADMIT_FRACTION}\n"
+        f'[store]\nurl = "{redis_url}"\n'
         '[agents.helper]\nvoice = "demo"\nprompt = "You are a helpful assistant."\n'
     )
     return config
+
+
+async def until_live(client: httpx.AsyncClient, url: str, count: int, calls: list[asyncio.Task]) -> None:
+    """Until the gateway holds `count` live calls (at most 30 s); a call that ended before is the failure."""
+    deadline = time.monotonic() + 30
+    while (await client.get(url + "/healthz")).json()["calls"] < count:
+        ended = [call.result().brief() for call in calls if call.done()]
+        assert not ended, ended
+        assert time.monotonic() < deadline, f"fewer than {count} live calls after 30 s"
+        await asyncio.sleep(0.05)
 
 
 async def wait_for_exit(process, timeout_s: float) -> int:
@@ -49,8 +60,7 @@ async def test_sigterm_lets_live_calls_finish_refuses_new_ones_and_records_every
             for sid in sids
         ]
         async with httpx.AsyncClient() as client:
-            while (await client.get(server.url + "/healthz")).json()["calls"] < 2:
-                await asyncio.sleep(0.05)
+            await until_live(client, server.url, 2, calls)
             server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             ready = await client.get(server.url + "/readyz")
@@ -78,8 +88,7 @@ async def test_calls_still_live_when_the_grace_is_over_are_ended_with_a_record(
             simulate_call(None, speech_like(8.0), webhook=server.url + "/twilio/voice", call_sid=sid)
         )
         async with httpx.AsyncClient() as client:
-            while (await client.get(server.url + "/healthz")).json()["calls"] < 1:
-                await asyncio.sleep(0.05)
+            await until_live(client, server.url, 1, [call])
         server.process.send_signal(signal.SIGTERM)
         summary = await call
         assert summary.closed_by == "gateway" and summary.media_sent * 0.02 < 5

@@ -7,6 +7,7 @@ saying so."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
@@ -28,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from engine.api import FRAME_SAMPLES, Sampling, SessionClosed, SessionSpec
 from engine.embedded import build_engine
 from engine.loading import load_text_tokenizer, resolve_checkpoint
-from engine.remote.client import RemoteEngine
+from engine.remote.client import LOST_AFTER_S, MAX_QUEUED_FRAMES, RemoteEngine
 from engine.remote.registry import Registry
 from engine.remote.server import WorkerServer
 from gateway.cli import WS_IMPLEMENTATION
@@ -196,6 +197,27 @@ async def test_a_session_nobody_attaches_to_is_freed_after_the_reserve_ttl(start
         assert time.monotonic() < deadline, "the reservation was never freed"
         await asyncio.sleep(0.05)
     assert ticket.worker == "w1"
+
+
+async def test_a_gateway_ahead_of_its_worker_never_leaves_a_frame_owed(start_worker, remote) -> None:
+    """Frames pushed faster than the worker steps: at most MAX_QUEUED_FRAMES wait unanswered at the worker
+    (all it keeps) and the oldest of the rest are dropped here. A frame the worker dropped would stay owed
+    forever, and once the caller paused the worker would look hung: the call moved, or ended."""
+    start_worker("w1")
+    await registered(remote, 1)
+    session = await remote.open(GREEDY)
+    stream = session.frames().__aiter__()
+    for frame in caller_frames(40):
+        session.push(frame)
+        await asyncio.sleep(0.005)  # each sent at once, faster than the worker steps
+    answered = 0
+    with contextlib.suppress(TimeoutError):  # until the worker has said all it will
+        while True:
+            await asyncio.wait_for(stream.__anext__(), 2 * LOST_AFTER_S)
+            answered += 1
+    assert session.close_reason is None and session.failovers == []
+    assert MAX_QUEUED_FRAMES <= answered <= 40
+    await session.close()
 
 
 async def test_a_session_moves_when_its_worker_goes_and_ends_when_none_is_left(start_worker, remote) -> None:

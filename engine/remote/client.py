@@ -56,8 +56,11 @@ from engine.remote.registry import Registry, RegistryError, WorkerInfo
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED_FRAMES = 25  # 2 s either way, as in the embedded worker: beyond it the oldest go
+# 2 s either way, as in the embedded worker: beyond it the oldest go. It is also the most frames a session
+# has at its worker unanswered, the worker's own cap: a frame the worker dropped would stay owed forever.
+MAX_QUEUED_FRAMES = 25
 LOST_AFTER_S = 0.8  # owing frames and silent this long: the worker is hung or gone
+CATCH_UP_S = 0.1  # then one wait more for what arrived while this process itself was stalled
 LISTING_KEPT_S = 5.0  # while the registry is unreachable, its last listing serves this long
 RECENT_PIECES = 400  # text pieces kept for a failover's re-anchor prompt
 CONNECT_TIMEOUT_S = 5.0
@@ -232,7 +235,7 @@ class RemoteSession:
         frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if frame.shape[0] != FRAME_SAMPLES:
             raise ValueError(f"session {self.id}: a frame is {FRAME_SAMPLES} samples, got {frame.shape[0]}")
-        if self._queued_frames() >= MAX_QUEUED_FRAMES:
+        if self._queued_frames() + len(self._unanswered) >= MAX_QUEUED_FRAMES:
             self._drop_oldest_frame()
         self._outgoing.append(frame)
         self._pushed += 1
@@ -294,6 +297,7 @@ class RemoteSession:
         for index, item in enumerate(self._outgoing):
             if isinstance(item, np.ndarray):
                 del self._outgoing[index]
+                self._pushed -= 1  # it never reaches the worker
                 return
 
     def _run(self) -> None:
@@ -335,7 +339,7 @@ class RemoteSession:
                 self._finish("engine_lost")
                 return
             self.ticket, self._positions = ticket, ticket.positions
-            self._pushed = self._queued_frames()
+            self._pushed = self._queued_frames() + len(self._unanswered)  # what the new worker gets
             failover = Failover(old.worker, ticket.worker, why, time.monotonic() - noticed, replayed)
             self.failovers.append(failover)
             if self._reprimed is not None and not self._reprimed.done():
@@ -389,6 +393,8 @@ class RemoteSession:
             while self._outgoing:  # what a lost connection left unsent goes first
                 item = self._outgoing[0]
                 if isinstance(item, np.ndarray):
+                    if len(self._unanswered) >= MAX_QUEUED_FRAMES:
+                        break  # the worker holds all it keeps: the next frame waits for an answer
                     await ws.send(encode_caller(item))
                     self._unanswered.append((time.monotonic(), item))
                 else:
@@ -398,17 +404,22 @@ class RemoteSession:
             await self._ready_to_send.wait()
 
     async def _receive(self, ws: ClientConnection) -> str:
+        last_look = False  # the worker is overdue: one short wait more before it is judged lost
         while True:
             try:
-                async with asyncio.timeout(self._patience()):
-                    message = await ws.recv()
+                async with asyncio.timeout(CATCH_UP_S if last_look else self._patience()):
+                    message = await ws.recv()  # a recv cut short by the timeout loses no message
             except TimeoutError:
-                if self._overdue():
+                # After a stall of this process the timer can fire before the socket is read: what the
+                # worker sent meanwhile is judged first, once this loop has caught up.
+                if self._overdue() and last_look:
                     return f"no agent frame for {self.engine.lost_after_s:.1f} s"
+                last_look = self._overdue()
                 continue
             except ConnectionClosed as exc:
                 closed = exc.rcvd
                 return f"connection closed ({closed.code} {closed.reason})" if closed else "connection lost"
+            last_look = False
             self._heard_at = time.monotonic()
             try:
                 if isinstance(message, bytes):
@@ -438,6 +449,7 @@ class RemoteSession:
     def _deliver(self, token: int, text: str, pcm: np.ndarray) -> None:
         if self._unanswered:
             self._unanswered.popleft()
+            self._ready_to_send.set()  # room at the worker for a frame waiting here
         if text:
             self._recent.append(text)
         self._frames.put(AgentFrame(self._delivered, pcm, text, token))  # nobody reading keeps the newest

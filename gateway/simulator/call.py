@@ -31,6 +31,8 @@ from gateway.carriers import DEFAULT_CARRIER, carrier_class
 from gateway.carriers.base import CarrierPeer, StreamTarget, Violation
 from gateway.simulator.playout import RATE, Playout, read_wav_8k
 
+FRAME_S = 0.08  # the model's step: one agent frame answers each 80 ms of caller audio
+
 with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
@@ -123,6 +125,7 @@ async def simulate_call(
     dtmf: Sequence[tuple[str, float]] = (),
     inject: Sequence[tuple[float, str | bytes]] = (),
     tail_s: float = 0.5,
+    settle_s: float = 0.0,
     drop_at_s: float | None = None,
     connect_timeout_s: float = 5.0,
 ) -> SimCallSummary:
@@ -132,8 +135,11 @@ async def simulate_call(
     first and its stream URL is used when `url` is None (and is what gets signed either way, as carriers
     sign the URL their markup named). `auth_token` is the carrier's secret (signing key, token, key pair).
     `audio` is a wav path or 8 kHz int16 samples; `tail_s` of silence follows it (a listening caller still
-    sends audio). `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)] for fault injection;
-    `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that time without a `stop`.
+    sends audio). With `settle_s`, the caller then stays on the line, sending nothing, until every 80 ms
+    frame it sent has been answered or `settle_s` has passed: replies that come late are then told apart
+    from replies that never come. `dtmf` = [(digit, at_s)], `inject` = [(at_s, raw message)] for fault
+    injection; `call_sid` defaults to a fresh one; `drop_at_s` cuts the connection at that time without a
+    `stop`.
     A webhook that answers with no stream (the gateway's overflow, or a 503) raises AnsweredWithoutStream.
     """
     pcm = read_wav_8k(audio) if isinstance(audio, str | Path) else np.asarray(audio, dtype=np.int16)
@@ -168,7 +174,7 @@ async def simulate_call(
         return summary
     summary.handshake_status = 101
     async with ws:
-        await _CallRun(ws, peer, target, summary, pcm, dtmf, inject, tail_s, drop_at_s).run()
+        await _CallRun(ws, peer, target, summary, pcm, dtmf, inject, tail_s, settle_s, drop_at_s).run()
     summary.stream_sid = peer.stream_id
     return summary
 
@@ -219,6 +225,7 @@ class _CallRun:
         dtmf: Sequence[tuple[str, float]],
         inject: Sequence[tuple[float, str | bytes]],
         tail_s: float,
+        settle_s: float,
         drop_at_s: float | None,
     ) -> None:
         self.ws, self.peer, self.target = ws, peer, target
@@ -230,7 +237,7 @@ class _CallRun:
         self.schedule = sorted(
             [(t, "dtmf", d) for d, t in dtmf] + [(t, "inject", m) for t, m in inject], key=lambda x: x[0]
         )
-        self.drop_at_s = drop_at_s
+        self.settle_s, self.drop_at_s = settle_s, drop_at_s
         self.lock = asyncio.Lock()
         self.sent_at: list[float] = []  # send time of each caller chunk
         self.first_audio_at: float | None = None
@@ -290,8 +297,13 @@ class _CallRun:
                 self.sent_at.append(self.loop.time())
                 await self.send(self.peer.media(self.wire[n * size : (n + 1) * size], n))
                 self.s.media_sent += 1
-            self.s.closed_by = "carrier"
             self.ended_at = origin + chunks * chunk_s  # the caller hangs up as its audio ends
+            if self.settle_s > 0:
+                await self._settle()
+                if self.gone.is_set():
+                    return
+                self.ended_at = self.loop.time()
+            self.s.closed_by = "carrier"
             await self.send(self.peer.stop())
             try:
                 await asyncio.wait_for(self.ws.close(), 2.0)
@@ -304,6 +316,14 @@ class _CallRun:
                 self.s.closed_by = "gateway"
                 self.s.close_code, self.s.close_reason = self.ws.close_code, self.ws.close_reason or ""
             return
+
+    async def _settle(self) -> None:
+        """Wait, silent, until the agent has answered every whole frame of caller audio sent, or settle_s."""
+        frames = int(self.s.media_sent * self.peer.chunk_s / FRAME_S + 1e-6)
+        owed_s = frames * FRAME_S - 1e-6
+        deadline = self.loop.time() + self.settle_s
+        while self.s.audio_received_s < owed_s and not self.gone.is_set() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _scheduled(self, _at: float, kind: str, what: str | bytes) -> None:
         if kind == "dtmf":
@@ -375,7 +395,7 @@ class _CallRun:
         self.unpaired_reply = None
         suffix = mark_name.rpartition("-")[2]
         frame = int(suffix) if suffix.isdigit() else position
-        per_frame = max(1, round(0.08 / self.peer.chunk_s))
+        per_frame = max(1, round(FRAME_S / self.peer.chunk_s))
         last = per_frame * (frame + 1) - 1
         if last < len(self.sent_at):
             self.s.frame_latencies_ms.append((received_at - self.sent_at[last]) * 1000)

@@ -73,6 +73,9 @@ def _call_inputs(args: argparse.Namespace):
         raise CallFailed(
             f"--webhook {args.webhook!r}: a voice webhook URL starts with http:// or https://", 2
         )
+    for flag, seconds in (("--tail", args.tail), ("--settle", args.settle)):
+        if not seconds >= 0:
+            raise CallFailed(f"{flag} {seconds}: seconds cannot be negative", 2)
     try:
         dtmf = [_parse_dtmf(spec) for spec in args.dtmf]
     except ValueError as exc:
@@ -112,6 +115,7 @@ async def _place_call(args: argparse.Namespace, caller_audio, dtmf):
             auth_token=args.auth_token,
             dtmf=dtmf,
             tail_s=args.tail,
+            settle_s=args.settle,
         )
     except httpx.HTTPError as exc:
         raise CallFailed(
