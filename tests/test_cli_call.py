@@ -63,6 +63,10 @@ def float_wav(path: Path) -> Path:
             lambda d, wav: ["--input", str(wav), "--url", "ws://127.0.0.1:9/x", "--dtmf", "12@x"],
             "DIGIT@SECONDS",
         ),
+        (
+            lambda d, wav: ["--input", str(wav), "--url", "ws://127.0.0.1:9/x", "--settle", "-1"],
+            "--settle -1.0: seconds cannot be negative",
+        ),
     ],
 )
 def test_a_bad_argument_is_one_line_and_exit_2(capsys, tmp_path, caller_wav, make_args, says):
@@ -143,3 +147,20 @@ def test_a_served_call_exits_0_and_writes_what_the_caller_heard(capsys, tmp_path
     assert summary["closed_by"] == "carrier" and summary["audio_received_s"] >= 0.8 * 0.6
     with wave.open(str(output)) as wav:
         assert wav.getframerate() == 24000 and wav.getnframes() >= 0.6 * 24000
+
+
+def test_a_settling_caller_hears_the_answer_to_every_frame(
+    capsys, tmp_path, caller_wav, start_gateway, engine
+):
+    """With --settle the caller stays on the line after its audio until the real engine has answered every
+    whole 80 ms frame it sent (hanging up as its audio ends, it would leave the last ones unheard)."""
+    live = start_gateway(engine)
+    status, out, err = run_call(
+        capsys,
+        *("--input", str(caller_wav), "--output", str(tmp_path / "o.wav"), "--webhook", live.webhook),
+        *("--tail", "0.2", "--settle", "5"),
+    )
+    assert status == 0, err
+    summary = json.loads(out)
+    assert summary["closed_by"] == "carrier"
+    assert round(summary["audio_received_s"] / 0.08) == summary["media_sent"] * 20 // 80, summary
