@@ -26,6 +26,13 @@ CALL_S = 6.0
 SETTLE_S = 5.0
 
 
+def place(gateway: Proc, seconds: float = CALL_S, stream_url: str | None = None):
+    """A simulated call answered by `gateway`'s voice webhook (streamed to `stream_url` when given)."""
+    return simulate_call(
+        stream_url, speech_like(seconds), webhook=f"{gateway.url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path_factory.mktemp("cluster"), slots=2, drain_grace_s=30.0)
@@ -81,13 +88,7 @@ async def holder(cluster: Cluster) -> Proc:
 
 async def test_a_call_answered_by_one_gateway_streams_through_the_other(calm: Cluster) -> None:
     a, b = calm.procs["gA"], calm.procs["gB"]
-    summary = await simulate_call(
-        f"{b.ws}/twilio/media",
-        speech_like(3.0),
-        webhook=f"{a.url}/twilio/voice",
-        tail_s=0.3,
-        settle_s=SETTLE_S,
-    )
+    summary = await place(a, 3.0, stream_url=f"{b.ws}/twilio/media")
     served(summary, 3.0)
     record = await record_of(calm, summary.call_sid)
     assert record.end_reason == "carrier_stop" and record.agent == "receptionist"
@@ -95,16 +96,8 @@ async def test_a_call_answered_by_one_gateway_streams_through_the_other(calm: Cl
 
 
 async def test_four_calls_fill_both_workers_and_the_fifth_gets_the_overflow(calm: Cluster) -> None:
-    wav = speech_like(CALL_S)
     gateways = [calm.procs["gA"], calm.procs["gB"]]
-    calls = [
-        asyncio.create_task(
-            simulate_call(
-                None, wav, webhook=f"{gateways[i % 2].url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
-            )
-        )
-        for i in range(4)
-    ]
+    calls = [asyncio.create_task(place(gateways[i % 2])) for i in range(4)]
 
     async def full() -> bool:  # both workers, two streaming calls each
         return [(w.free, w.active) for w in await calm.workers()] == [(0, 2), (0, 2)]
@@ -137,11 +130,7 @@ async def test_four_calls_fill_both_workers_and_the_fifth_gets_the_overflow(calm
 
 async def test_a_worker_killed_mid_call_hands_the_call_to_the_other_within_a_second(calm: Cluster) -> None:
     gateway = calm.procs["gA"]
-    call = asyncio.create_task(
-        simulate_call(
-            None, speech_like(CALL_S), webhook=f"{gateway.url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
-        )
-    )
+    call = asyncio.create_task(place(gateway))
     worker = await holder(calm)
     await asyncio.sleep(1.5)
     worker.process.send_signal(signal.SIGKILL)
@@ -164,15 +153,7 @@ async def test_a_worker_killed_mid_call_hands_the_call_to_the_other_within_a_sec
 
 async def test_a_hung_worker_is_noticed_by_its_missing_frames(calm: Cluster) -> None:
     # SIGSTOP: the socket stays open, only the agent frames stop coming.
-    call = asyncio.create_task(
-        simulate_call(
-            None,
-            speech_like(CALL_S),
-            webhook=f"{calm.procs['gB'].url}/twilio/voice",
-            tail_s=0.3,
-            settle_s=SETTLE_S,
-        )
-    )
+    call = asyncio.create_task(place(calm.procs["gB"]))
     worker = await holder(calm)
     await asyncio.sleep(1.5)
     worker.process.send_signal(signal.SIGSTOP)
@@ -190,12 +171,7 @@ async def test_a_hung_worker_is_noticed_by_its_missing_frames(calm: Cluster) -> 
 
 
 async def test_a_draining_worker_takes_no_new_call_and_finishes_its_own(calm: Cluster) -> None:
-    wav = speech_like(CALL_S)
-    first = asyncio.create_task(
-        simulate_call(
-            None, wav, webhook=f"{calm.procs['gA'].url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
-        )
-    )
+    first = asyncio.create_task(place(calm.procs["gA"]))
     worker = await holder(calm)
     other = calm.procs["w2" if worker.name == "w1" else "w1"]
     worker.process.send_signal(signal.SIGTERM)
@@ -206,11 +182,7 @@ async def test_a_draining_worker_takes_no_new_call_and_finishes_its_own(calm: Cl
 
     assert await calm.until(draining, 1.0)
     assert httpx.get(worker.url + "/readyz", timeout=2).status_code == 503
-    second = asyncio.create_task(
-        simulate_call(
-            None, wav, webhook=f"{calm.procs['gB'].url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
-        )
-    )
+    second = asyncio.create_task(place(calm.procs["gB"]))
 
     async def other_has_it() -> bool:
         info = await calm.worker_of(other)
@@ -226,15 +198,7 @@ async def test_a_draining_worker_takes_no_new_call_and_finishes_its_own(calm: Cl
 
 
 async def test_live_calls_survive_a_redis_restart_and_the_registry_recovers(calm: Cluster) -> None:
-    call = asyncio.create_task(
-        simulate_call(
-            None,
-            speech_like(CALL_S),
-            webhook=f"{calm.procs['gB'].url}/twilio/voice",
-            tail_s=0.3,
-            settle_s=SETTLE_S,
-        )
-    )
+    call = asyncio.create_task(place(calm.procs["gB"]))
     await holder(calm)
     await asyncio.sleep(1.0)
     calm.stop_redis()
@@ -245,7 +209,5 @@ async def test_live_calls_survive_a_redis_restart_and_the_registry_recovers(calm
     gap_ms = summary.brief()["agent_gap_max_ms"]
     assert gap_ms is not None and gap_ms < 500, gap_ms
     await calm.idle(workers=2, timeout_s=5.0)  # both workers registered again by their heartbeats
-    again = await simulate_call(
-        None, speech_like(2.0), webhook=f"{calm.procs['gA'].url}/twilio/voice", tail_s=0.3, settle_s=SETTLE_S
-    )
+    again = await place(calm.procs["gA"], 2.0)
     served(again, 2.0)
