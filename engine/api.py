@@ -22,6 +22,7 @@ __all__ = [
     "FRAME_S",
     "FRAME_SAMPLES",
     "Admission",
+    "MAX_QUEUED_FRAMES",
     "MAX_TOP_K",
     "SAMPLE_RATE",
     "AgentFrame",
@@ -101,6 +102,12 @@ class AgentFrame:
     pcm: np.ndarray  # float32 [FRAME_SAMPLES], 24 kHz, nominally in [-1, 1]
     text: str  # the text piece of this step ("" when the model emitted padding)
     token: int  # raw text token id (3 = PAD, 0 = end of padding)
+
+
+# 2 s of frames a session holds either way (caller frames waiting for a step, agent frames waiting for their
+# reader): beyond it the oldest go. A remote session keeps no more than this unanswered at its worker, so the
+# worker never drops a frame the gateway would count as owed.
+MAX_QUEUED_FRAMES = 25
 
 
 class AgentFrames:

@@ -35,6 +35,7 @@ import torch
 from engine.api import (
     FRAME_S,
     FRAME_SAMPLES,
+    MAX_QUEUED_FRAMES,
     Admission,
     AgentFrame,
     AgentFrames,
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 FRAME_BUDGET_S = FRAME_S  # a step must finish within one frame of audio
 SILENT_TEXT_IDS = frozenset({0, 1, 2, TEXT_PAD})  # EPAD, <s>, </s>, PAD carry no words
-MAX_QUEUED_FRAMES = 25  # 2 s of frames waiting, either way (caller in, agent out): beyond it the oldest go
 STEP_TIMES_KEPT_S = 10.0  # admission looks at the step times of the last 10 s only
 PROBE_INTERVAL_S = 2.0  # a verdict over budget older than this is re-measured before a call is refused
 PROBE_REPEATS = 3  # steps per re-measurement (their median counts)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from tinymodel import FIXTURE, reference_prompt, tiny_models
 
-from engine.api import EngineBusy, EngineError, Sampling, SessionClosed, SessionSpec
+from engine.api import MAX_QUEUED_FRAMES, EngineBusy, EngineError, Sampling, SessionClosed, SessionSpec
 from engine.loading import load_text_tokenizer
 from engine.runner import BatchRunner
-from engine.worker import MAX_QUEUED_FRAMES, EngineWorker
+from engine.worker import EngineWorker
 
 SPEC = SessionSpec(voice="voice_tiny", prompt=reference_prompt(), sampling=Sampling(greedy=True))
 

@@ -26,10 +26,10 @@ from test_call_webhooks import ENV, Receiver, tables
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from engine.api import FRAME_SAMPLES, Sampling, SessionClosed, SessionSpec
+from engine.api import FRAME_SAMPLES, MAX_QUEUED_FRAMES, Sampling, SessionClosed, SessionSpec
 from engine.embedded import build_engine
 from engine.loading import load_text_tokenizer, resolve_checkpoint
-from engine.remote.client import LOST_AFTER_S, MAX_QUEUED_FRAMES, RemoteEngine
+from engine.remote.client import LOST_AFTER_S, RemoteEngine
 from engine.remote.registry import Registry
 from engine.remote.server import WorkerServer
 from gateway.cli import WS_IMPLEMENTATION

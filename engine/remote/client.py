@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from engine.api import (
     FRAME_SAMPLES,
+    MAX_QUEUED_FRAMES,
     Admission,
     AgentFrame,
     AgentFrames,
@@ -56,9 +57,6 @@ from engine.remote.registry import Registry, RegistryError, WorkerInfo
 
 log = logging.getLogger(__name__)
 
-# 2 s either way, as in the embedded worker: beyond it the oldest go. It is also the most frames a session
-# has at its worker unanswered, the worker's own cap: a frame the worker dropped would stay owed forever.
-MAX_QUEUED_FRAMES = 25
 LOST_AFTER_S = 0.8  # owing frames and silent this long: the worker is hung or gone
 CATCH_UP_S = 0.1  # then one wait more for what arrived while this process itself was stalled
 LISTING_KEPT_S = 5.0  # while the registry is unreachable, its last listing serves this long
@@ -235,7 +233,7 @@ class RemoteSession:
         frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if frame.shape[0] != FRAME_SAMPLES:
             raise ValueError(f"session {self.id}: a frame is {FRAME_SAMPLES} samples, got {frame.shape[0]}")
-        if self._queued_frames() + len(self._unanswered) >= MAX_QUEUED_FRAMES:
+        if self._backlog() >= MAX_QUEUED_FRAMES:
             self._drop_oldest_frame()
         self._outgoing.append(frame)
         self._pushed += 1
@@ -293,6 +291,10 @@ class RemoteSession:
         """Caller frames waiting to be sent (control messages wait beside them)."""
         return sum(isinstance(item, np.ndarray) for item in self._outgoing)
 
+    def _backlog(self) -> int:
+        """Caller frames not answered yet: waiting here, or sent and waiting at the worker."""
+        return self._queued_frames() + len(self._unanswered)
+
     def _drop_oldest_frame(self) -> None:
         for index, item in enumerate(self._outgoing):
             if isinstance(item, np.ndarray):
@@ -339,7 +341,7 @@ class RemoteSession:
                 self._finish("engine_lost")
                 return
             self.ticket, self._positions = ticket, ticket.positions
-            self._pushed = self._queued_frames() + len(self._unanswered)  # what the new worker gets
+            self._pushed = self._backlog()  # what the new worker gets
             failover = Failover(old.worker, ticket.worker, why, time.monotonic() - noticed, replayed)
             self.failovers.append(failover)
             if self._reprimed is not None and not self._reprimed.done():
@@ -412,9 +414,10 @@ class RemoteSession:
             except TimeoutError:
                 # After a stall of this process the timer can fire before the socket is read: what the
                 # worker sent meanwhile is judged first, once this loop has caught up.
-                if self._overdue() and last_look:
+                overdue = self._overdue()
+                if overdue and last_look:
                     return f"no agent frame for {self.engine.lost_after_s:.1f} s"
-                last_look = self._overdue()
+                last_look = overdue
                 continue
             except ConnectionClosed as exc:
                 closed = exc.rcvd

@@ -27,11 +27,10 @@ import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from engine.config import FRAME_S
 from gateway.carriers import DEFAULT_CARRIER, carrier_class
 from gateway.carriers.base import CarrierPeer, StreamTarget, Violation
 from gateway.simulator.playout import RATE, Playout, read_wav_8k
-
-FRAME_S = 0.08  # the model's step: one agent frame answers each 80 ms of caller audio
 
 with warnings.catch_warnings():  # deprecated since 3.11, still the reference mu-law codec
     warnings.simplefilter("ignore", DeprecationWarning)
