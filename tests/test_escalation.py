@@ -105,6 +105,8 @@ async def test_a_call_at_max_duration_is_transferred_through_twilios_api(start_g
     )
     assert len(twilio_api.requests) == 1
     assert_transferred_to_the_human(twilio_api.requests[0], sid)
+    # the gateway closes the stream first and says "ended" after: wait for it (bounded)
+    assert await live.until(lambda: any(n.kind == "ended" for n in notices))
     kinds = [n.kind for n in notices]
     assert kinds.index("max_duration") < kinds.index("escalated") < kinds.index("ended")
     assert [n.detail for n in notices if n.kind == "ended"] == ["transferred_max_duration"]
@@ -155,6 +157,8 @@ async def test_a_phrase_in_the_agents_words_escalates(start_gateway, engine, twi
     notices = notices_of(live)
     summary = await simulate_call(live.ws_url, speech_like(5.0), tail_s=0)
     assert [n.detail for n in notices if n.kind == "phrase"] == ["for\\s+calling"]
+    # the gateway closes the stream first and says "ended" after: wait for it (bounded)
+    assert await live.until(lambda: any(n.kind == "ended" for n in notices))
     assert [n.detail for n in notices if n.kind == "ended"] == ["escalated_phrase"]
     assert summary.closed_by == "gateway" and twilio_api.requests == []
 

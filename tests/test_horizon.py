@@ -73,6 +73,8 @@ async def test_wrap_up_says_the_line_and_ends_the_call_before_the_role_leaves(st
     assert summary.closed_by == "gateway"
     horizon = next(n for n in notices if n.kind == "context_horizon")
     assert horizon.detail == "wrap_up" and horizon.at_s < 4.0  # the small window, not the call, decided
+    # the gateway closes the stream first and says "ended" after: wait for it (bounded)
+    assert await live.until(lambda: any(n.kind == "ended" for n in notices))
     assert [n.detail for n in notices if n.kind == "ended"] == ["context_horizon"]
     words = " ".join("".join(piece.text for piece in calls[0].transcript).split())
     assert LINE in words
@@ -124,5 +126,7 @@ async def test_hand_off_runs_the_escalation_and_transfers_the_call(start_gateway
     escalated = next(n for n in notices if n.kind == "escalated")
     assert escalated.escalation.trigger == "context_horizon" and escalated.escalation.actions == ("transfer",)
     assert len(api.requests) == 1 and "%3CDial%3E" in api.requests[0]["body"].decode()
+    # the gateway closes the stream first and says "ended" after: wait for it (bounded)
+    assert await live.until(lambda: any(n.kind == "ended" for n in notices))
     assert [n.detail for n in notices if n.kind == "ended"] == ["transferred_context_horizon"]
     assert summary.closed_by == "gateway"
